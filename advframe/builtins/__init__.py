@@ -1,0 +1,1 @@
+"""The defaults, registered as named plugins exactly like third-party ones."""

@@ -1,0 +1,49 @@
+"""``accuracy``: clean and robust accuracy, overall and per class, under every ``eval.attacks`` entry.
+
+The first evaluation attack gives ``robust_accuracy``, ``worst_class_robust_accuracy`` and
+``per_class_robust_accuracy``; every attack also gives ``robust_accuracy/<label>``; with more than one
+attack, ``robust_accuracy/worst_case`` counts an example as robust only if it survives all of them
+(per-example worst case, as AutoAttack reports).
+"""
+
+import torch
+
+from advframe.context import attack_label
+from advframe.hookspecs import hookimpl
+
+
+def per_class_accuracy(correct: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    hits = torch.zeros(num_classes).index_add_(0, labels, correct.float())
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    return [float(h / c) if c else float("nan") for h, c in zip(hits, counts)]
+
+
+def worst_class(values: list[float]) -> float:
+    present = [v for v in values if v == v]
+    return min(present) if present else float("nan")
+
+
+@hookimpl
+def evaluate(model, dataset, ctx):
+    num_classes = ctx.num_classes
+    clean = ctx.predictions(model, dataset)
+    per_class_clean = per_class_accuracy(clean.correct, clean.labels, num_classes)
+    metrics = {
+        "clean_accuracy": clean.correct.float().mean().item(),
+        "worst_class_clean_accuracy": worst_class(per_class_clean),
+        "per_class_clean_accuracy": per_class_clean,
+    }
+    robust_all = clean.correct.clone()
+    for index, attack in enumerate(ctx.config["eval"]["attacks"]):
+        # a clean mistake is a robust mistake too, whatever the attack returned
+        correct = ctx.predictions(model, dataset, attack).correct & clean.correct
+        robust_all &= correct
+        metrics[f"robust_accuracy/{attack_label(attack)}"] = correct.float().mean().item()
+        if index == 0:
+            per_class = per_class_accuracy(correct, clean.labels, num_classes)
+            metrics["robust_accuracy"] = correct.float().mean().item()
+            metrics["worst_class_robust_accuracy"] = worst_class(per_class)
+            metrics["per_class_robust_accuracy"] = per_class
+    if len(ctx.config["eval"]["attacks"]) > 1:
+        metrics["robust_accuracy/worst_case"] = robust_all.float().mean().item()
+    return metrics

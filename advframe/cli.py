@@ -1,0 +1,233 @@
+"""The ``advframe`` command line.
+
+Plugins are loaded inside each command, never at import, so ``--help`` and ``advframe plugins`` keep
+working when a plugin is broken. Every :class:`advframe.AdvframeError` ends the command with one line
+and a non-zero exit; set ``ADVFRAME_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import click
+
+from advframe import __version__
+from advframe.errors import AdvframeError
+
+
+class Command(click.Group):
+    """Turns advframe errors into one clean line."""
+
+    def invoke(self, ctx):
+        warnings.showwarning = _show_warning
+        try:
+            return super().invoke(ctx)
+        except AdvframeError as exc:
+            if os.environ.get("ADVFRAME_DEBUG"):
+                raise
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.secho("Interrupted. A run continues with `advframe run --resume RUN_DIR`.", fg="yellow", err=True)
+            ctx.exit(130)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.secho(f"Warning: {message}", fg="yellow", err=True)
+
+
+def _host():
+    from advframe.plugins import make_plugin_host
+
+    return make_plugin_host()
+
+
+@contextlib.contextmanager
+def _progress():
+    """A live progress display on stderr (rank 0 only; ADVFRAME_PROGRESS=0 turns it off)."""
+    if os.environ.get("ADVFRAME_PROGRESS", "1") == "0" or int(os.environ.get("RANK", "0")) != 0:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield progress
+
+
+def _print_results(results: dict, out_dir: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics, cost = results["metrics"], results.get("cost", {})
+    table = Table(title="Results" + (f" ({out_dir})" if out_dir else ""))
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if not isinstance(value, list):
+            table.add_row(key, _format(key, value))
+    for key in ("gradient_evaluations", "process_seconds", "wall_seconds"):
+        if key in cost:
+            table.add_row(key, f"{cost[key]:,.0f}" if key == "gradient_evaluations" else f"{cost[key]:.1f} s")
+    console = Console()
+    console.print(table)
+    per_class = {k: v for k, v in metrics.items() if isinstance(v, list)}
+    if per_class:
+        classes = Table(title="Per class")
+        classes.add_column("class", justify="right")
+        for key in per_class:
+            classes.add_column(key.removeprefix("per_class_"), justify="right")
+        for index in range(max(len(v) for v in per_class.values())):
+            cells = [_format(key, values[index]) if index < len(values) else "" for key, values in per_class.items()]
+            classes.add_row(str(index), *cells)
+        console.print(classes)
+
+
+def _format(key: str, value: float) -> str:
+    return f"{100 * value:.1f}%" if "accuracy" in key else f"{value:.2f}"
+
+
+def _version(ctx, param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    click.echo(f"advframe {__version__}")
+    host = _host()
+    third_party = sorted((info for info in host.infos.values() if not info.builtin), key=lambda i: i.name)
+    if third_party:
+        click.echo("registered plugins:")
+    for info in third_party:
+        status = f"  (failed to load: {info.error})" if info.error else ""
+        click.echo(f"  {info.name}: {info.distribution} {info.version}{status}")
+    ctx.exit()
+
+
+@click.group(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="Show the core and plugin versions and exit.")
+def cli():
+    """advframe: adversarial training, attacks and robust meta-learning as plugins."""
+
+
+@cli.command()
+@click.option("--plugin", "plugin", help="Plugin to run: fills every role its hooks implement (e.g. bat).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/METHOD-TIME).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path), help="Continue the run in this directory.")
+def run(plugin, config_file, overrides, out_dir, resume_dir):
+    """Train and evaluate one method; write a run directory."""
+    from advframe import config as config_module
+    from advframe import distributed
+    from advframe.errors import ConfigError
+    from advframe.runner import Run
+
+    host = _host()
+    try:
+        with _progress() as progress:
+            if resume_dir:
+                if plugin or config_file or overrides or out_dir:
+                    raise ConfigError("--resume continues a run exactly as configured; "
+                                      "drop --plugin, --config, --set and --out")
+                if (resume_dir / "results.json").exists():
+                    raise ConfigError(f"{resume_dir} has finished; evaluate it again with `advframe eval {resume_dir}`")
+                runner = Run.resume(host, resume_dir, progress=progress)
+            else:
+                user = config_module.load_file(config_file) if config_file else {}
+                config = config_module.resolve(host, user, overrides, plugin)
+                runner = Run.start(host, config, out_dir, progress=progress)
+            results = runner.execute()
+        if distributed.rank() == 0:
+            _print_results(results, runner.out_dir)
+            click.echo(f"Run directory: {runner.out_dir}")
+    finally:
+        distributed.shutdown()
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--attack", "attacks", multiple=True, help="Attack plugin to evaluate with (repeatable; default: the run's eval.attacks).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override an evaluation setting (eval.*, attack.eps, plugins.*).")
+def evaluate(run_dir, attacks, overrides):
+    """Evaluate a saved model again, with its attacks or others."""
+    from datetime import datetime
+
+    from advframe import checkpoint
+    from advframe import config as config_module
+    from advframe.errors import CheckpointError, ConfigError
+    from advframe.runner import Run
+
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    host = _host()
+    user = config_module.load_file(run_dir / "config.yaml")
+    for item in overrides:
+        key = item.partition("=")[0]
+        if key.split(".")[0] not in ("eval", "attack", "plugins", "device", "data"):
+            raise ConfigError(f"--set {key}: advframe eval only changes evaluation settings (eval.*, attack.eps, ...)")
+    if attacks:
+        user["eval"]["attacks"] = [{"name": name} for name in attacks]
+    if any(item.startswith("attack.") for item in overrides):
+        for entry in user["eval"]["attacks"]:  # re-inherit the threat model that --set changes
+            entry.pop("eps", None), entry.pop("norm", None)
+    config = config_module.resolve(host, user, overrides)
+    with _progress() as progress:
+        runner = Run.load(host, run_dir, config, progress=progress)
+        evaluation = runner.evaluate()
+    results = {"metrics": evaluation["metrics"], "attacks": config["eval"]["attacks"],
+               "eval_process_seconds": evaluation["eval_process_seconds"],
+               "eval_wall_seconds": evaluation["eval_wall_seconds"]}
+    folder = run_dir / "evaluations"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.json"
+    checkpoint.atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    _print_results(results, run_dir)
+    click.echo(f"Saved {path}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all", "show_all", is_flag=True, help="Include the built-in plugins.")
+@click.option("--hook", help="Only plugins implementing this hook.")
+def plugins(as_json, show_all, hook):
+    """List installed plugins: name, version, distribution, hooks."""
+    host = _host()
+    infos = [i for i in host.infos.values() if (show_all or not i.builtin) and (not hook or hook in i.hooks)]
+    infos.sort(key=lambda i: i.name)
+    if as_json:
+        click.echo(json.dumps([i.as_dict() for i in infos], indent=2))
+        return
+    if not infos:
+        click.echo("No plugins installed (built-ins are listed with --all).")
+    for info in infos:
+        if info.error:
+            click.echo(f"{info.name}  FAILED TO LOAD: {info.error}")
+        else:
+            click.echo(f"{info.name}  {info.version}  ({info.distribution})  hooks: {', '.join(info.hooks)}")
+
+
+@cli.command("config")
+@click.option("--plugin", "plugin", help="Show the config a run of this plugin would use.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def show_config(plugin, config_file, overrides):
+    """Print the resolved config (defaults, plugin defaults, your file and --set) as YAML."""
+    from advframe import config as config_module
+
+    host = _host()
+    user = config_module.load_file(config_file) if config_file else {}
+    click.echo(config_module.dump(config_module.resolve(host, user, overrides, plugin)), nl=False)
+
+
+def main():  # pragma: no cover - console entry point
+    cli(prog_name="advframe")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Configuration: core defaults, then each selected plugin's defaults, then the user's file and ``--set``.
+
+Every value the user gives is checked against the default it replaces before any work starts: an
+unknown key is rejected with the closest known key as a suggestion, a value of the wrong type is
+rejected, and so are impossible values (``eps < 0``, ``epochs = 0``). Attacks read their parameters
+from ``plugins.<attack>`` (the attack's defaults); the ``attack`` section and each ``eval.attacks``
+entry override them for that use, and evaluation attacks inherit ``eps`` and ``norm`` from ``attack``
+so training and evaluation share one threat model unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from advframe.errors import ConfigError
+
+CORE_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "data": {
+        "name": "mnist",
+        "root": None,
+        "train_size": None,
+        "test_size": None,
+        "validation_size": 0,
+        "augment": "none",
+        "normalize": False,
+    },
+    "model": {"name": "small-cnn", "args": {}},
+    "train": {
+        "method": "erm",
+        "epochs": 5,
+        "batch_size": 128,
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "momentum": 0.9,
+        "nesterov": False,
+        "weight_decay": 5.0e-4,
+        "schedule": "cosine",
+        "milestones": [0.5, 0.75],
+        "warmup_epochs": 0.0,
+        "grad_clip": 0.0,
+        "checkpoint_every": 25,
+        "monitor_examples": 256,
+    },
+    "attack": {"name": "pgd", "norm": "linf", "eps": 0.3},
+    "eval": {
+        "attacks": [{"name": "pgd", "steps": 20}],
+        "batch_size": 500,
+        "max_examples": None,
+        "evaluators": [],
+    },
+    "meta": {"learner": "noadapt"},
+    "plugins": {},
+}
+
+# Keys whose default is None, and the type they take when set.
+NULLABLE = {
+    "data.root": str,
+    "data.train_size": int,
+    "data.test_size": int,
+    "eval.max_examples": int,
+}
+
+# Mappings passed through to a constructor, not checked key by key here.
+FREE_FORM = {"model.args"}
+
+CHOICES = {
+    "device": ("cpu", "cuda", "auto"),
+    "attack.norm": ("linf", "l2", "l1"),
+    "train.optimizer": ("sgd", "adam", "adamw"),
+    "train.schedule": ("constant", "cosine", "step", "onecycle"),
+    "data.augment": ("none", "flip", "crop", "crop-flip"),
+}
+
+# Constraints by key name, wherever the key appears (a plugin's ``eps`` too).
+LOWER_BOUNDS = {
+    "eps": (0, False),
+    "alpha": (0, False),
+    "steps": (0, False),
+    "restarts": (1, False),
+    "epochs": (1, False),
+    "batch_size": (1, False),
+    "lr": (0, True),
+    "beta": (0, False),
+    "momentum": (0, False),
+    "weight_decay": (0, False),
+    "checkpoint_every": (0, False),
+    "monitor_examples": (0, False),
+    "validation_size": (0, False),
+    "train_size": (1, False),
+    "test_size": (1, False),
+    "max_examples": (1, False),
+    "grad_clip": (0, False),
+    "warmup_epochs": (0, False),
+}
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where else ""
+        raise ConfigError(f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=0.1"`` -> ``("train.lr", 0.1)``; the value is read as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. train.lr=0.1), got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(config: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = config
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def get_dotted(config: dict, key: str, default: Any = None) -> Any:
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _type_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _check_type(path: str, default: Any, value: Any, nullable: type | None = None) -> Any:
+    if value is None:
+        if default is None or nullable is not None:
+            return None
+        raise ConfigError(f"{path} must be {_type_name(default)}, got null")
+    expected = type(default) if default is not None else nullable
+    if expected is None:  # a plugin key defaulting to None takes any value
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"{path} must be an integer, got {value!r}")
+    if expected is float and isinstance(value, str):
+        try:  # YAML reads 1e-3 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, expected):
+        shown = "a mapping" if isinstance(value, dict) else repr(value)
+        raise ConfigError(f"{path} must be {_type_name(expected())}, got {shown}")
+    return value
+
+
+def merge_checked(defaults: dict, override: dict, path: str = "", extra_keys: tuple = ()) -> dict:
+    """``defaults`` updated by ``override``, rejecting unknown keys and wrong types."""
+    if not isinstance(override, dict):
+        raise ConfigError(f"{path or 'the config'} must be a mapping, got {override!r}")
+    merged = copy.deepcopy(defaults)
+    for key, value in override.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in defaults and key not in extra_keys:
+            known = sorted([*defaults, *extra_keys])
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {(path + '.' if path else '') + close[0]}?" if close else ""
+            listing = f" (known keys: {', '.join(known)})" if not close and len(known) <= 12 else ""
+            raise ConfigError(f"unknown config key {where}{hint}{listing}")
+        default = defaults.get(key)
+        if isinstance(default, dict) and where not in FREE_FORM and default:
+            merged[key] = merge_checked(default, value, where)
+        else:
+            merged[key] = _check_type(where, default, value, NULLABLE.get(where))
+    return merged
+
+
+def check_values(config: Any, path: str = "") -> None:
+    """Reject impossible values anywhere in the resolved config."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            check_values(value, f"{path}.{key}" if path else str(key))
+        return
+    if isinstance(config, list):
+        for index, value in enumerate(config):
+            check_values(value, f"{path}[{index}]")
+        return
+    name = path.rsplit(".", 1)[-1]
+    if name in LOWER_BOUNDS and isinstance(config, (int, float)) and not isinstance(config, bool):
+        bound, strict = LOWER_BOUNDS[name]
+        if config < bound or (strict and config == bound):
+            relation = ">" if strict else ">="
+            raise ConfigError(f"{path} must be {relation} {bound}, got {config}")
+    choices = CHOICES.get(path) or (CHOICES["attack.norm"] if name == "norm" else None)
+    if choices and config not in choices:
+        close = difflib.get_close_matches(str(config), choices, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{path} must be one of {', '.join(choices)}, got {config!r}{hint}")
+
+
+ATTACK_CORE_KEYS = ("name", "norm", "eps")
+
+
+def selected_plugins(config: dict) -> dict[str, str | list[str]]:
+    """The plugin named for each role of a (merged) config."""
+    return {
+        "training": config["train"]["method"],
+        "attack": config["attack"]["name"],
+        "meta": config["meta"]["learner"],
+        "eval_attacks": [entry.get("name") for entry in config["eval"]["attacks"]],
+        "evaluators": list(config["eval"]["evaluators"]),
+    }
+
+
+def resolve(host, user: dict[str, Any] | None = None, overrides: list[str] = (), plugin: str | None = None) -> dict:
+    """The full, validated configuration of a run.
+
+    :param host: the :class:`advframe.plugins.PluginHost` that knows the installed plugins.
+    :param user: the user's config file, already read.
+    :param overrides: ``KEY=VALUE`` strings from ``--set``.
+    :param plugin: the ``--plugin`` name: it fills every role whose hook it implements.
+    """
+    user = copy.deepcopy(user or {})
+    if plugin:
+        for key, value in plugin_roles(host, plugin).items():
+            set_dotted(user, key, value)
+    for item in overrides:
+        set_dotted(user, *parse_override(item))
+
+    for entry in (user.get("eval") or {}).get("attacks") or []:
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"each entry of eval.attacks needs a name (e.g. {{name: pgd, steps: 20}}), got {entry!r}")
+    attack_user = user.get("attack") or {}
+    if not isinstance(attack_user, dict):
+        raise ConfigError(f"attack must be a mapping, got {attack_user!r}")
+    attack_extra = {k: v for k, v in attack_user.items() if k not in ATTACK_CORE_KEYS}
+    user_core = {**user, "attack": {k: v for k, v in attack_user.items() if k in ATTACK_CORE_KEYS}}
+    user_plugins = user_core.pop("plugins", None) or {}
+    if not isinstance(user_plugins, dict):
+        raise ConfigError(f"plugins must be a mapping of plugin name to settings, got {user_plugins!r}")
+    config = merge_checked(CORE_DEFAULTS, user_core)
+    eval_entries = user.get("eval", {}).get("attacks") if isinstance(user.get("eval"), dict) else None
+    config["eval"]["attacks"] = copy.deepcopy(eval_entries) if eval_entries is not None else config["eval"]["attacks"]
+
+    roles = selected_plugins(config)
+    needed = {roles["training"]: "training", roles["attack"]: "attack", roles["meta"]: "meta"}
+    for name in roles["eval_attacks"]:
+        needed.setdefault(name, "attack")
+    for name in roles["evaluators"]:
+        needed.setdefault(name, "evaluator")
+    for name, role in needed.items():
+        host.require(name, role)
+
+    plugins: dict[str, dict] = {}
+    for name in [*needed, *user_plugins]:
+        if name in plugins:
+            continue
+        if name not in needed:
+            host.require(name)
+        section = user_plugins.get(name) or {}
+        plugins[name] = merge_checked(host.default_config(name), section, f"plugins.{name}")
+    config["plugins"] = plugins
+
+    config["attack"] = _attack_params(config["attack"], attack_extra, plugins, "attack")
+    inherited = {"norm": config["attack"]["norm"], "eps": config["attack"]["eps"]}
+    config["eval"]["attacks"] = [
+        _attack_params({**inherited, **{k: v for k, v in entry.items() if k in ATTACK_CORE_KEYS}},
+                       {k: v for k, v in entry.items() if k not in ATTACK_CORE_KEYS}, plugins, f"eval.attacks[{i}]")
+        for i, entry in enumerate(config["eval"]["attacks"])
+    ]
+    check_values(config)
+    return config
+
+
+def _attack_params(core: dict, extra: dict, plugins: dict, path: str) -> dict:
+    name = core["name"]
+    base = {k: v for k, v in plugins[name].items() if k not in ATTACK_CORE_KEYS}
+    core_checked = merge_checked({"name": "", "norm": "linf", "eps": 0.0}, core, path)
+    return {**core_checked, **merge_checked(base, extra, path, extra_keys=())}
+
+
+def plugin_roles(host, name: str) -> dict[str, Any]:
+    """The config keys that ``--plugin name`` sets: every role whose hook the plugin implements."""
+    info = host.require(name)
+    keys: dict[str, Any] = {}
+    if "training" in info.roles:
+        keys["train.method"] = name
+    if "attack" in info.roles:
+        keys["attack.name"] = name
+    if "meta" in info.roles:
+        keys["meta.learner"] = name
+    if not keys and "evaluator" in info.roles:
+        keys["eval.evaluators"] = [name]
+    if not keys:
+        raise ConfigError(f"plugin {name!r} implements no role a run can select (hooks: {', '.join(info.hooks)})")
+    return keys
+
+
+def dump(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,274 @@
+"""The run as a plugin sees it: settings, randomness, attacks, optimisation and shared state."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advframe import distributed
+from advframe.cost import GradientCounter
+from advframe.errors import PluginCallError, PluginError, TrainingDiverged
+from advframe.models import eval_mode, unwrap
+
+
+def make_optimizer(parameters, train_config: dict, lr: float | None = None) -> torch.optim.Optimizer:
+    lr = train_config["lr"] if lr is None else lr
+    kind, decay = train_config["optimizer"], train_config["weight_decay"]
+    if kind == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=train_config["momentum"], weight_decay=decay,
+                               nesterov=train_config["nesterov"] and train_config["momentum"] > 0)
+    if kind == "adam":
+        return torch.optim.Adam(parameters, lr=lr, weight_decay=decay)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay)
+
+
+@dataclass
+class Predictions:
+    """Logits of every evaluation example, clean or under one attack, in dataset order."""
+
+    labels: torch.Tensor
+    logits: torch.Tensor
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.logits.argmax(1)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.predicted == self.labels
+
+
+class RunContext:
+    """Passed to every hook as ``ctx``.
+
+    Attributes plugins read: ``config`` (the resolved config), ``settings`` (the called plugin's
+    ``plugins.<name>`` section), ``device``, ``num_classes``, ``input_shape``, ``generator`` (seeded;
+    use it for all randomness of attacks), ``attack_params`` (the training attack's settings),
+    ``epoch``, ``batch_index``, ``global_step``, ``data_passes``, ``state`` (tensors kept across
+    steps and restored on ``--resume``), ``models`` (modules added with :meth:`add_model`),
+    ``out_dir`` and ``is_main`` (only the main process writes files).
+    """
+
+    def __init__(self, config: dict, host, *, device: torch.device, num_classes: int, input_shape: tuple,
+                 out_dir: Path | None = None, model_factory: Callable[[], nn.Module] | None = None,
+                 generator: torch.Generator | None = None, progress=None):
+        self.config = config
+        self.host = host
+        self.device = device
+        self.num_classes = num_classes
+        self.input_shape = tuple(input_shape)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.generator = generator or torch.Generator().manual_seed(config.get("seed", 0))
+        self.attack_params = dict(config["attack"])
+        self.epoch = 0
+        self.batch_index = 0
+        self.global_step = 0
+        self.data_passes = config["train"]["epochs"]
+        self.state: dict[str, torch.Tensor] = {}
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.trainable: dict[str, bool] = {}
+        self.extra_lr: dict[str, float | None] = {}
+        self.counter = GradientCounter()
+        self.progress = progress
+        self._model_factory = model_factory
+        self._plugin_stack: list[str] = []
+        self._stepped = False
+        self._prediction_cache: dict[tuple, Predictions] = {}
+        self._add_model_allowed = True
+
+    # -- settings ---------------------------------------------------------------------------------
+
+    @property
+    def is_main(self) -> bool:
+        return distributed.rank() == 0
+
+    @property
+    def current_plugin(self) -> str | None:
+        return self._plugin_stack[-1] if self._plugin_stack else None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The ``plugins.<name>`` section of the plugin being called."""
+        return self.plugin_config(self.current_plugin)
+
+    def plugin_config(self, name: str | None) -> dict[str, Any]:
+        return self.config["plugins"].get(name, {}) if name else {}
+
+    # -- calling plugins ----------------------------------------------------------------------------
+
+    def call(self, hook: str, name: str, **kwargs):
+        """Call one plugin's hook with ``ctx.settings`` pointing at that plugin's section."""
+        self._plugin_stack.append(name)
+        try:
+            return self.host.call(hook, name, ctx=self, **kwargs)
+        finally:
+            self._plugin_stack.pop()
+
+    def attack_settings(self, name: str, **overrides) -> dict[str, Any]:
+        """Full settings for attack plugin ``name``: its defaults, the user's ``plugins.<name>``, the
+        run's ``eps`` and ``norm``, then ``overrides``. For plugins that run an extra attack."""
+        self.host.require(name, "attack")
+        base = {**self.host.default_config(name), **self.config["plugins"].get(name, {})}
+        threat = {"norm": self.attack_params["norm"], "eps": self.attack_params["eps"]}
+        return {**base, "name": name, **threat, **overrides}
+
+    def attack(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+               params: dict[str, Any] | None = None) -> torch.Tensor:
+        """Run the attack plugin ``params["name"]`` (default: the training attack) on one batch.
+
+        The model is attacked in eval mode and its mode and parameter gradients are restored; the
+        result is checked to stay in the ``eps`` ball and in [0, 1].
+        """
+        params = params or self.attack_params
+        name = params["name"]
+        model = unwrap(model)
+        saved_grads = [(p, p.grad) for p in model.parameters()]
+        for parameter, _ in saved_grads:
+            parameter.grad = None
+        try:
+            with eval_mode(model), torch.enable_grad():
+                adversarial = self.call("generate_perturbation", name, model=model, inputs=inputs, labels=labels,
+                                        params=params)
+        finally:
+            for parameter, grad in saved_grads:
+                parameter.grad = grad
+        check_perturbation(name, inputs, adversarial, params["eps"], params["norm"])
+        return adversarial.detach()
+
+    def perturb(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training attack (``attack`` section) on one batch."""
+        return self.attack(model, inputs, labels)
+
+    # -- optimisation -------------------------------------------------------------------------------
+
+    def add_model(self, name: str, module: nn.Module, *, trainable: bool = True, lr: float | None = None) -> nn.Module:
+        """Add a module the run trains (own optimizer) or keeps; saved and restored with the run.
+
+        Call it from ``setup``. Its weights go into ``model.safetensors`` under ``name/``.
+        """
+        if not self._add_model_allowed:
+            raise PluginError(f"add_model({name!r}) must be called from the setup hook")
+        if name in self.models or name == "model" or "/" in name:
+            raise PluginError(f"cannot add a model named {name!r}: the name is taken or contains '/'")
+        module = module.to(self.device)
+        self.models[name] = module
+        self.trainable[name] = trainable
+        self.extra_lr[name] = lr
+        return module
+
+    def build_model(self) -> nn.Module:
+        """A fresh model as ``model`` in the config describes it (peers, surrogates, students)."""
+        if self._model_factory is None:
+            raise PluginError("this context cannot build models")
+        return self._model_factory().to(self.device)
+
+    def step(self, loss: torch.Tensor, models: list[str] | None = None) -> None:
+        """zero_grad, backward, optional clipping, and a step of the named optimizers (default: all).
+
+        The main model's optimizer is called ``"model"``. Raises :class:`TrainingDiverged` on a
+        non-finite loss, before anything is changed.
+        """
+        check_finite(loss, self)
+        names = list(self.optimizers) if models is None else models
+        for name in names:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.config["train"]["grad_clip"]
+        for name in names:
+            optimizer = self.optimizers[name]
+            if clip:
+                parameters = [p for group in optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(parameters, clip)
+            optimizer.step()
+        self._stepped = True
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    def predictions(self, model: nn.Module, dataset, attack: dict[str, Any] | None = None) -> Predictions:
+        """Logits on ``dataset``, clean (``attack=None``) or under an attack from ``eval.attacks``.
+
+        Cached for the evaluation, so every evaluator shares one attack run. Under torchrun each
+        rank attacks its shard and the results are gathered.
+        """
+        key = (id(model), id(dataset), repr(sorted(attack.items())) if attack else None)
+        if key not in self._prediction_cache:
+            self._prediction_cache[key] = self._predict(unwrap(model), dataset, attack)
+        return self._prediction_cache[key]
+
+    def _predict(self, model, dataset, attack) -> Predictions:
+        rank, world = distributed.rank(), distributed.world_size()
+        shard = torch.arange(rank, len(dataset), world)
+        batch_size = self.config["eval"]["batch_size"]
+        logits = []
+        label = attack_label(attack) if attack else "clean"
+        task = self.progress.add_task(f"eval {label}", total=len(shard)) if self.progress else None
+        with self.counter.paused(), eval_mode(model):
+            for start in range(0, len(shard), batch_size):
+                inputs, labels = dataset.batch(shard[start:start + batch_size], self.device)
+                if attack is not None:
+                    inputs = self.attack(model, inputs, labels, attack)
+                with torch.no_grad():
+                    logits.append(model(inputs).float().cpu())
+                if task is not None:
+                    self.progress.advance(task, len(labels))
+        if task is not None:
+            self.progress.remove_task(task)
+        shard_logits = torch.cat(logits) if logits else torch.zeros(0, self.num_classes)
+        gathered = distributed.gather_rows(shard_logits)
+        order = distributed.gather_rows(shard)
+        full = torch.empty_like(gathered)
+        full[order] = gathered
+        return Predictions(dataset.labels.clone(), full)
+
+    def clear_predictions(self) -> None:
+        self._prediction_cache.clear()
+
+    @contextlib.contextmanager
+    def evaluation_randomness(self, seed: int):
+        """Evaluation draws from its own generator, so it never shifts the training stream."""
+        training, self.generator = self.generator, torch.Generator().manual_seed(seed)
+        try:
+            yield
+        finally:
+            self.generator = training
+
+
+def attack_label(params: dict[str, Any]) -> str:
+    """``pgd-20`` for a 20-step PGD; the attack's name where it has no step count."""
+    steps = params.get("steps")
+    return f"{params['name']}-{steps}" if isinstance(steps, int) else params["name"]
+
+
+def check_finite(loss: torch.Tensor, ctx: RunContext) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise PluginCallError(f"training loss must be a scalar tensor, got {type(loss).__name__}"
+                              f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"the training loss became {loss.item()} at epoch {ctx.epoch + 1}, batch {ctx.batch_index + 1}; "
+            f"lower train.lr (now {ctx.config['train']['lr']}) or set train.grad_clip, then start a new run "
+            f"(the last saved state in the run directory is intact)"
+        )
+
+
+def check_perturbation(name: str, inputs: torch.Tensor, adversarial, eps: float, norm: str) -> None:
+    if not isinstance(adversarial, torch.Tensor) or adversarial.shape != inputs.shape:
+        shape = tuple(adversarial.shape) if isinstance(adversarial, torch.Tensor) else type(adversarial).__name__
+        raise PluginCallError(f"attack {name!r} returned {shape}; expected a tensor of shape {tuple(inputs.shape)}")
+    if adversarial.dtype != inputs.dtype or adversarial.device != inputs.device:
+        raise PluginCallError(f"attack {name!r} changed dtype/device to {adversarial.dtype}/{adversarial.device}")
+    tolerance = 1e-5
+    if adversarial.min() < -tolerance or adversarial.max() > 1 + tolerance:
+        raise PluginCallError(f"attack {name!r} left [0, 1]: values in [{adversarial.min():.4f}, {adversarial.max():.4f}]")
+    delta = (adversarial - inputs).flatten(1)
+    size = {"linf": delta.abs().amax(1), "l2": delta.norm(dim=1), "l1": delta.abs().sum(1)}[norm]
+    if len(size) and size.max() > eps * (1 + 1e-4) + tolerance:
+        raise PluginCallError(f"attack {name!r} left its {norm} ball: perturbation {size.max():.5f} > eps {eps}")
+

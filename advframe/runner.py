@@ -1,0 +1,463 @@
+"""One run: build everything from the config, train, evaluate, and keep the run directory.
+
+A run directory holds::
+
+    config.yaml          the resolved configuration
+    metrics.jsonl        one line per epoch: losses, accuracies, seconds, counted work
+    model.safetensors    weights (extra models under NAME/), metadata: versions and config
+    state.safetensors    the last training state (weights, optimizers, RNG, position), for --resume
+    results.json         final metrics and the run's cost
+
+The runner owns what every method shares: seeding, device, data order, model mode, backward and
+step (unless the method steps itself), the learning-rate schedule, checkpointing, DDP and timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advframe import __version__, checkpoint, data, distributed, models
+from advframe.config import dump, selected_plugins
+from advframe.context import RunContext, make_optimizer
+from advframe.errors import CheckpointError, ConfigError, PluginCallError
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "model.safetensors", "state.safetensors", "results.json")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for but no CUDA device is available; use device=cpu")
+    if name == "cuda" and distributed.launched():
+        import os
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def learning_rate(base: float, progress: float, train_config: dict, passes: int) -> float:
+    """The schedule as a function of training progress in [0, 1] (so replaying methods keep it)."""
+    warmup = train_config["warmup_epochs"] / max(passes, 1)
+    if warmup and progress < warmup:
+        return base * progress / warmup
+    kind = train_config["schedule"]
+    if kind == "constant":
+        return base
+    if kind == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "step":
+        return base * 0.1 ** sum(progress >= m for m in train_config["milestones"])
+    peak = 0.4  # onecycle: linear up to the peak, linear down to zero (Wong et al.'s cyclic rate)
+    return base * (progress / peak if progress < peak else (1 - progress) / (1 - peak))
+
+
+def default_out_dir(config: dict) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / f"{config['train']['method']}-{stamp}"
+    candidate, suffix = base, 2
+    while candidate.exists():
+        candidate, suffix = Path(f"{base}-{suffix}"), suffix + 1
+    return candidate
+
+
+def claim_out_dir(out_dir: Path) -> None:
+    """A new run may use an empty or new folder, never one that holds a run."""
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing:
+        raise CheckpointError(
+            f"{out_dir} already holds a run ({', '.join(existing)}); continue it with "
+            f"`advframe run --resume {out_dir}` or choose another --out"
+        )
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} exists and is not a folder; choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+class Run:
+    """Build with :meth:`start`, :meth:`resume` or :meth:`load`; then :meth:`train` and :meth:`evaluate`."""
+
+    def __init__(self, host, config: dict, out_dir: Path | None, *, progress=None):
+        self.host = host
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.device = resolve_device(config["device"])
+        self.rank, self.world = distributed.init(self.device)
+        self.progress = progress if self.rank == 0 else None
+        self.roles = selected_plugins(config)
+        self.splits = data.load(config["data"])
+        torch.manual_seed(config["seed"])
+        self.model = self._build_model()
+        self.ctx = RunContext(
+            config, host, device=self.device, num_classes=self.splits.num_classes,
+            input_shape=self.splits.input_shape, out_dir=self.out_dir, model_factory=self._build_model,
+            generator=torch.Generator().manual_seed(config["seed"] + 7919 * self.rank), progress=self.progress,
+        )
+        for name in self._setup_order():
+            replacement = self.ctx.call("setup", name, model=self.model)
+            if replacement is not None:
+                if not isinstance(replacement, nn.Module):
+                    raise PluginCallError(f"plugin {name!r}: setup must return an nn.Module or None")
+                self.model = replacement.to(self.device)
+        self.ctx._add_model_allowed = False
+        for module in [self.model, *self.ctx.models.values()]:
+            self.ctx.counter.attach(module)
+        self.train_model = self._distribute(self.model)
+        for name in list(self.ctx.models):
+            if self.ctx.trainable[name]:
+                self.ctx.models[name] = self._distribute(self.ctx.models[name])
+        train = config["train"]
+        self.ctx.optimizers["model"] = make_optimizer(self.model.parameters(), train)
+        for name, module in self.ctx.models.items():
+            if self.ctx.trainable[name]:
+                self.ctx.optimizers[name] = make_optimizer(module.parameters(), train, self.ctx.extra_lr.get(name))
+        self.base_lr = {name: opt.param_groups[0]["lr"] for name, opt in self.ctx.optimizers.items()}
+        # position and cost, restored on resume
+        self.epoch = 0
+        self.batch_index = 0
+        self.metrics_lines = 0
+        self.epoch_sums: dict[str, float] = {}
+        self.spent = {"process_seconds": 0.0, "wall_seconds": 0.0, "gradient_evaluations": 0}
+        self.finished = False
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, host, config: dict, out_dir: Path | None = None, *, progress=None) -> Run:
+        """A new run; the folder must not already hold one."""
+        if distributed.launched():
+            distributed.init(resolve_device(config["device"]))
+        if distributed.rank() == 0:
+            out_dir = Path(out_dir) if out_dir else default_out_dir(config)
+            claim_out_dir(out_dir)
+        out_dir = Path(distributed.broadcast_text(str(out_dir)))
+        run = cls(host, config, out_dir, progress=progress)
+        if run.rank == 0:
+            checkpoint.atomic_write_text(out_dir / "config.yaml", dump(config))
+        return run
+
+    @classmethod
+    def resume(cls, host, out_dir: Path, *, progress=None) -> Run:
+        """Continue the run in ``out_dir`` from its last saved state."""
+        from advframe.config import resolve
+
+        out_dir = Path(out_dir)
+        if not (out_dir / "config.yaml").is_file():
+            raise CheckpointError(f"{out_dir} is not a run directory (no config.yaml)")
+        if not (out_dir / "state.safetensors").is_file():
+            raise CheckpointError(f"{out_dir} has no saved training state (state.safetensors) to resume; "
+                                  f"start a new run")
+        from advframe.config import load_file
+
+        config = resolve(host, load_file(out_dir / "config.yaml"))
+        run = cls(host, config, out_dir, progress=progress)
+        run._load_state(out_dir / "state.safetensors")
+        return run
+
+    @classmethod
+    def load(cls, host, run_dir: Path, config: dict, *, progress=None) -> Run:
+        """A finished run's model, for evaluation (``advframe eval``)."""
+        run = cls(host, config, None, progress=progress)
+        tensors, _ = checkpoint.load_tensors(Path(run_dir) / "model.safetensors")
+        run._load_weights(tensors, prefix="")
+        return run
+
+    def _build_model(self) -> nn.Module:
+        return models.build(self.config["model"], self.splits.input_shape, self.splits.num_classes).to(self.device)
+
+    def _setup_order(self) -> list[str]:
+        names = [self.roles["training"], self.roles["attack"], self.roles["meta"], *self.roles["evaluators"]]
+        unique = list(dict.fromkeys(names))
+        return [name for name in unique if self.host.implements(name, "setup")]
+
+    def _distribute(self, module: nn.Module) -> nn.Module:
+        if self.world == 1 or not any(p.requires_grad for p in module.parameters()):
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def named_modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, **{name: models.unwrap(m) for name, m in self.ctx.models.items()}}
+
+    # -- weights and state ------------------------------------------------------------------------
+
+    def _weights(self, prefix: str) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, module in self.named_modules().items():
+            key_prefix = prefix if name == "model" else f"{prefix}{name}/"
+            tensors.update({f"{key_prefix}{k}": v for k, v in module.state_dict().items()})
+        return tensors
+
+    def _load_weights(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        for name, module in self.named_modules().items():
+            key_prefix = prefix if name == "model" else f"{prefix}{name}/"
+            own = {k[len(key_prefix):]: v for k, v in tensors.items()
+                   if k.startswith(key_prefix) and (name != "model" or "/" not in k[len(prefix):])}
+            try:
+                module.load_state_dict(own)
+            except RuntimeError as exc:
+                raise CheckpointError(f"the saved weights do not fit the {name!r} model this config builds: "
+                                      f"{str(exc).splitlines()[0]}") from None
+
+    def versions(self) -> dict[str, str]:
+        names = {self.roles["training"], self.roles["attack"], self.roles["meta"], *self.roles["eval_attacks"],
+                 *self.roles["evaluators"], "accuracy"}
+        return {name: self.host.infos[name].version for name in sorted(names)}
+
+    def save_model(self) -> None:
+        if self.rank != 0:
+            return
+        metadata = {"format": "advframe-run-1", "advframe_version": __version__,
+                    "plugins": json.dumps(self.versions()), "config": dump(self.config)}
+        checkpoint.save_tensors(self.out_dir / "model.safetensors", self._weights(""), metadata)
+
+    def save_state(self, finished: bool = False) -> None:
+        if self.rank != 0:
+            return
+        tensors = self._weights("weights/")
+        optimizers = {}
+        for name, optimizer in self.ctx.optimizers.items():
+            flat, rest = checkpoint.flatten_optimizer(f"optim/{name}", optimizer.state_dict())
+            tensors.update(flat)
+            optimizers[name] = rest
+        tensors.update({f"plugin_state/{k}": v for k, v in self.ctx.state.items()})
+        tensors["rng/torch"] = torch.get_rng_state()
+        tensors["rng/generator"] = self.ctx.generator.get_state()
+        if self.device.type == "cuda":
+            tensors["rng/cuda"] = torch.cuda.get_rng_state(self.device)
+        progress = {
+            "epoch": self.epoch, "batch_index": self.batch_index, "global_step": self.ctx.global_step,
+            "data_passes": self.ctx.data_passes, "metrics_lines": self.metrics_lines,
+            "epoch_sums": self.epoch_sums, "spent": self._spent_now(), "finished": finished,
+        }
+        metadata = {"progress": json.dumps(progress), "optimizers": json.dumps(optimizers),
+                    "advframe_version": __version__}
+        checkpoint.save_tensors(self.out_dir / "state.safetensors", tensors, metadata)
+
+    def _load_state(self, path: Path) -> None:
+        tensors, metadata = checkpoint.load_tensors(path)
+        try:
+            progress = json.loads(metadata["progress"])
+            optimizers = json.loads(metadata["optimizers"])
+        except (KeyError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not an advframe training state; start a new run") from None
+        self._load_weights(tensors, prefix="weights/")
+        for name, optimizer in self.ctx.optimizers.items():
+            optimizer.load_state_dict(checkpoint.unflatten_optimizer(f"optim/{name}", tensors, optimizers[name]))
+        self.ctx.state = {k[len("plugin_state/"):]: v.to(self.device) for k, v in tensors.items()
+                          if k.startswith("plugin_state/")}
+        torch.set_rng_state(tensors["rng/torch"])
+        self.ctx.generator.set_state(tensors["rng/generator"])
+        if self.device.type == "cuda" and "rng/cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng/cuda"], self.device)
+        self.epoch, self.batch_index = progress["epoch"], progress["batch_index"]
+        self.ctx.global_step, self.ctx.data_passes = progress["global_step"], progress["data_passes"]
+        self.metrics_lines, self.epoch_sums = progress["metrics_lines"], progress["epoch_sums"]
+        self.spent = progress["spent"]
+        self.ctx.counter.count = int(self.spent["gradient_evaluations"])
+        self.finished = progress.get("finished", False)
+        metrics = self.out_dir / "metrics.jsonl"
+        if self.rank == 0 and metrics.exists():  # drop lines written after the state we resume from
+            lines = metrics.read_text().splitlines(keepends=True)[: self.metrics_lines]
+            checkpoint.atomic_write_text(metrics, "".join(lines))
+
+    # -- training -------------------------------------------------------------------------------
+
+    def _spent_now(self) -> dict[str, float]:
+        now = {"process_seconds": time.process_time(), "wall_seconds": time.perf_counter()}
+        spent = {k: self.spent[k] + now[k] - self._clock[k] for k in now} if hasattr(self, "_clock") else dict(self.spent)
+        spent["gradient_evaluations"] = self.ctx.counter.count
+        return spent
+
+    def _shard(self, index: torch.Tensor) -> torch.Tensor:
+        return index[self.rank::self.world] if self.world > 1 else index
+
+    def train(self) -> None:
+        if self.finished:
+            return
+        config, ctx = self.config, self.ctx
+        train = self.splits.train
+        batch_size = config["train"]["batch_size"]
+        batches = math.ceil(len(train) / batch_size)
+        method = self.roles["training"]
+        checkpoint_every = config["train"]["checkpoint_every"]
+        self._clock = {"process_seconds": time.process_time(), "wall_seconds": time.perf_counter()}
+        self.model.train()
+        for epoch in range(self.epoch, ctx.data_passes):
+            self.epoch = ctx.epoch = epoch
+            epoch_start = time.perf_counter()
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config["seed"] * 100003 + epoch))
+            task = self.progress.add_task(f"epoch {epoch + 1}/{ctx.data_passes}", total=batches,
+                                          completed=self.batch_index) if self.progress else None
+            for batch_index in range(self.batch_index, batches):
+                ctx.batch_index = batch_index
+                index = self._shard(order[batch_index * batch_size:(batch_index + 1) * batch_size])
+                inputs, labels = train.batch(index, self.device)
+                inputs = data.augment(inputs, config["data"]["augment"], ctx.generator)
+                progress = (epoch + batch_index / batches) / ctx.data_passes
+                for name, optimizer in ctx.optimizers.items():
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate(self.base_lr[name], progress, config["train"], ctx.data_passes)
+                ctx._stepped = False
+                output = ctx.call("training_step", method, model=self.train_model, batch=(inputs, labels),
+                                  optimizer=ctx.optimizers["model"], perturb=ctx.perturb)
+                loss, logs = _split_output(method, output)
+                if not ctx._stepped:
+                    if not loss.requires_grad:
+                        raise PluginCallError(f"plugin {method!r}: training_step returned a loss without a "
+                                              f"gradient and did not call ctx.step")
+                    ctx.step(loss)
+                self._accumulate({"loss": loss.item(), **logs}, len(labels))
+                ctx.global_step += 1
+                self.batch_index = batch_index + 1
+                if task is not None:
+                    self.progress.update(task, advance=1, description=f"epoch {epoch + 1}/{ctx.data_passes} "
+                                         f"loss {self.epoch_sums['loss'] / self.epoch_sums['_count']:.3f}")
+                if checkpoint_every and ctx.global_step % checkpoint_every == 0 and self.batch_index < batches:
+                    self.save_state()
+            if task is not None:
+                self.progress.remove_task(task)
+            self._end_epoch(epoch, time.perf_counter() - epoch_start)
+        self.finished = True
+        self.save_model()
+        self.save_state(finished=True)
+
+    def _accumulate(self, logs: dict[str, float], count: int) -> None:
+        for key, value in logs.items():
+            self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + float(value) * count
+        self.epoch_sums["_count"] = self.epoch_sums.get("_count", 0.0) + count
+
+    def _end_epoch(self, epoch: int, seconds: float) -> None:
+        sums = distributed.sum_values(self.epoch_sums)
+        count = sums.pop("_count", 1.0) or 1.0
+        line: dict[str, Any] = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}}
+        line["lr"] = self.ctx.optimizers["model"].param_groups[0]["lr"]
+        line.update(self._monitor(epoch))
+        spent = self._spent_now()
+        line["gradient_evaluations"] = int(distributed.sum_values({"g": spent["gradient_evaluations"]})["g"])
+        line["seconds"] = round(seconds, 3)
+        line["process_seconds"] = round(spent["process_seconds"], 3)
+        self.epoch, self.batch_index, self.epoch_sums = epoch + 1, 0, {}
+        if self.rank == 0:
+            path = self.out_dir / "metrics.jsonl"
+            previous = path.read_text() if path.exists() else ""
+            checkpoint.atomic_write_text(path, previous + json.dumps(line) + "\n")
+        self.metrics_lines += 1
+        self.save_model()
+        self.save_state()
+
+    def _monitor(self, epoch: int) -> dict[str, float]:
+        """Clean and robust accuracy on a few held-out images after every epoch (robust overfitting)."""
+        size = self.config["train"]["monitor_examples"]
+        if not size:
+            return {}
+        split = self.splits.validation or self.splits.test
+        order = torch.randperm(len(split), generator=torch.Generator().manual_seed(data.SPLIT_SEED))
+        subset = split.subset(order[:size].sort().values)  # splits are often sorted by class
+        name = "validation" if self.splits.validation is not None else "test"
+        attack = self.config["eval"]["attacks"][0]
+        with self.ctx.evaluation_randomness(self.config["seed"] + 1000 + epoch):
+            clean = self.ctx.predictions(self.model, subset)
+            robust = self.ctx.predictions(self.model, subset, attack)
+        self.ctx.clear_predictions()
+        self.model.train()
+        return {f"{name}_clean_accuracy": clean.correct.float().mean().item(),
+                f"{name}_robust_accuracy": (robust.correct & clean.correct).float().mean().item()}
+
+    # -- evaluation ----------------------------------------------------------------------------------
+
+    def evaluators(self) -> list[str]:
+        names = ["accuracy", self.roles["training"], self.roles["attack"], self.roles["meta"], *self.roles["evaluators"]]
+        return [n for n in dict.fromkeys(names) if self.host.implements(n, "evaluate")]
+
+    def evaluate(self) -> dict[str, Any]:
+        dataset = self.splits.test
+        limit = self.config["eval"]["max_examples"]
+        if limit and limit < len(dataset):
+            dataset = dataset.subset(torch.arange(limit))
+        self.model.eval()
+        start = {"process_seconds": time.process_time(), "wall_seconds": time.perf_counter()}
+        metrics: dict[str, Any] = {}
+        owner: dict[str, str] = {}
+        with self.ctx.evaluation_randomness(self.config["seed"] + 999):
+            for name in self.evaluators():
+                result = self.ctx.call("evaluate", name, model=self.model, dataset=dataset)
+                for key, value in _check_metrics(name, result).items():
+                    if key in metrics:
+                        raise PluginCallError(f"metric {key!r} is returned by both {owner[key]!r} and {name!r}; "
+                                              f"one of them must rename it")
+                    metrics[key], owner[key] = value, name
+        self.ctx.clear_predictions()
+        return {"metrics": metrics, "eval_process_seconds": time.process_time() - start["process_seconds"],
+                "eval_wall_seconds": time.perf_counter() - start["wall_seconds"], "eval_examples": len(dataset)}
+
+    def results(self, evaluation: dict[str, Any]) -> dict[str, Any]:
+        spent = self._spent_now()
+        gradient_evaluations = int(distributed.sum_values({"g": spent["gradient_evaluations"]})["g"])
+        return {
+            "metrics": evaluation["metrics"],
+            "cost": {
+                "gradient_evaluations": gradient_evaluations,
+                "natural_epoch_equivalents": gradient_evaluations / max(len(self.splits.train), 1),
+                "process_seconds": spent["process_seconds"],
+                "wall_seconds": spent["wall_seconds"],
+                "eval_process_seconds": evaluation["eval_process_seconds"],
+                "eval_wall_seconds": evaluation["eval_wall_seconds"],
+            },
+            "eval_examples": evaluation["eval_examples"],
+            "train_examples": len(self.splits.train),
+            "world_size": self.world,
+            "advframe_version": __version__,
+            "plugins": self.versions(),
+        }
+
+    def execute(self) -> dict[str, Any]:
+        """Train, evaluate, write ``results.json``; the results."""
+        self.train()
+        results = self.results(self.evaluate())
+        if self.rank == 0:
+            checkpoint.atomic_write_text(self.out_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        return results
+
+
+def _split_output(method: str, output) -> tuple[torch.Tensor, dict[str, float]]:
+    if isinstance(output, torch.Tensor):
+        return output, {}
+    if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
+        logs = {}
+        for key, value in output.items():
+            if key == "loss":
+                continue
+            value = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise PluginCallError(f"plugin {method!r}: training_step log {key!r} must be a number")
+            logs[key] = float(value)
+        return output["loss"], logs
+    raise PluginCallError(f"plugin {method!r}: training_step must return a loss tensor or a dict with 'loss'")
+
+
+def _check_metrics(name: str, result) -> dict[str, Any]:
+    if not isinstance(result, dict):
+        raise PluginCallError(f"plugin {name!r}: evaluate must return a dict of metrics, got {type(result).__name__}")
+    checked = {}
+    for key, value in result.items():
+        if not isinstance(key, str):
+            raise PluginCallError(f"plugin {name!r}: metric names must be strings, got {key!r}")
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            checked[key] = [float(v) for v in value]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            checked[key] = float(value)
+        else:
+            raise PluginCallError(f"plugin {name!r}: metric {key!r} must be a float or a list of floats, got {value!r}")
+    return checked
