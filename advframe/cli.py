@@ -212,6 +212,42 @@ def plugins(as_json, show_all, hook):
             click.echo(f"{info.name}  {info.version}  ({info.distribution})  hooks: {', '.join(info.hooks)}")
 
 
+@cli.command()
+@click.option("--plugins", "methods", required=True,
+              help="Comma-separated methods; settings in brackets make variants: pgd-at,trades[beta=1].")
+@click.option("--seeds", default=3, show_default=True, help="Seeds 0..N-1 for every method.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="Shared YAML config.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Shared override (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), help="Bench directory (default: runs/bench-TIME).")
+@click.option("--baseline", default="pgd-at", show_default=True, help="Method the cost is measured against.")
+@click.option("--metrics", "extra", default="", help="Extra metrics to tabulate (comma-separated names from results.json).")
+def bench(methods, seeds, config_file, overrides, out_dir, baseline, extra):
+    """Compare training methods on one config over seeds: table (markdown, CSV) and plot."""
+    from datetime import datetime
+
+    from advframe import bench as bench_module
+    from advframe import checkpoint
+    from advframe import config as config_module
+
+    host = _host()
+    parsed = bench_module.parse_methods(methods)
+    user = config_module.load_file(config_file) if config_file else {}
+    out_dir = out_dir or Path("runs") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    extra = [m.strip() for m in extra.split(",") if m.strip()]
+    with _progress() as progress:
+        records = bench_module.run_bench(host, parsed, seeds, user, list(overrides), out_dir, progress=progress,
+                                         echo=lambda text: click.echo(text, err=True))
+    rows = bench_module.summarise(records, baseline if baseline in {m.label for m in parsed} else None, extra)
+    table = bench_module.markdown(rows, baseline, extra)
+    checkpoint.atomic_write_text(out_dir / "summary.md", table)
+    bench_module.write_csv(out_dir / "summary.csv", rows)
+    bench_module.write_runs_csv(out_dir / "runs.csv", records)
+    bench_module.plot(out_dir / "robust_vs_time.png", rows)
+    click.echo(table)
+    click.echo(f"Saved {out_dir}/summary.md, summary.csv, runs.csv and robust_vs_time.png")
+
+
 @cli.command("config")
 @click.option("--plugin", "plugin", help="Show the config a run of this plugin would use.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path))

@@ -42,3 +42,56 @@ class GradientCounter:
             yield
         finally:
             self.enabled = enabled
+
+
+class QueryBudgetExceeded(RuntimeError):
+    """An attack asked for more queries than its budget allows (a bug in the attack)."""
+
+
+class QueryCounter:
+    """A model seen as a black box: scores out, no gradients in, every example's queries counted.
+
+    Every query-based attack goes through one of these, so the reported numbers are honest: a call
+    on ``k`` examples costs each of those ``k`` examples one query. ``index`` says which examples of
+    the attacked batch the rows are (attacks query shrinking subsets).
+
+    :param model: the attacked model.
+    :param num_examples: size of the attacked batch.
+    :param budget: per-example query budget; asking for more raises :class:`QueryBudgetExceeded`.
+    :param scores: ``"logits"`` or ``"probabilities"``. A model that returns only labels (a 1-D
+        output) cannot serve a score-based attack: the first query says so in one clear line.
+    """
+
+    def __init__(self, model: nn.Module, num_examples: int, *, budget: int | None = None,
+                 scores: str = "logits", attack: str = "this attack"):
+        self.model = model
+        self.counts = torch.zeros(num_examples, dtype=torch.long)
+        self.budget = budget
+        self.scores = scores
+        self.attack = attack
+
+    def __call__(self, inputs: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        from advframe.errors import PluginError
+
+        index = torch.arange(len(inputs)) if index is None else index.cpu()
+        if len(index) != len(inputs):
+            raise ValueError(f"{len(inputs)} inputs but {len(index)} indices")
+        if self.budget is not None and len(index) and (self.counts[index] >= self.budget).any():
+            raise QueryBudgetExceeded(f"{self.attack} exceeded its budget of {self.budget} queries per example")
+        with torch.no_grad():
+            output = self.model(inputs)
+        self.counts[index] += 1
+        if output.dim() != 2:
+            raise PluginError(f"{self.attack} needs class scores from the model, but it returns "
+                              f"{tuple(output.shape)} (labels only?); use a decision-based attack instead")
+        output = output.detach().float()
+        return output.softmax(1) if self.scores == "probabilities" else output
+
+    def remaining(self, index: torch.Tensor) -> torch.Tensor:
+        if self.budget is None:
+            return torch.full((len(index),), 2**62, dtype=torch.long)
+        return self.budget - self.counts[index.cpu()]
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())

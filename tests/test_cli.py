@@ -8,10 +8,7 @@ from click.testing import CliRunner
 from advframe import cli
 from advframe.testing import make_host
 
-TINY = ["--set", "data.name=digits", "--set", "data.train_size=64", "--set", "data.test_size=32",
-        "--set", "model.args={width: 8, hidden: 16}", "--set", "train.epochs=1", "--set", "train.batch_size=32",
-        "--set", "attack.name=test-pgd", "--set", "eval.attacks=[{name: test-pgd, steps: 2}]",
-        "--set", "train.monitor_examples=0"]
+
 
 
 @pytest.fixture
@@ -33,8 +30,8 @@ def assert_one_clean_line(result, fragment):
     assert "Traceback" not in result.output
 
 
-def test_run_eval_and_config(runner, tmp_path):
-    result, output = invoke(runner, "run", "--plugin", "erm", *TINY, "--out", str(tmp_path / "run"))
+def test_run_eval_and_config(runner, tmp_path, tiny_args):
+    result, output = invoke(runner, "run", "--plugin", "erm", *tiny_args, "--out", str(tmp_path / "run"))
     assert result.exit_code == 0, output
     assert "clean_accuracy" in output and "worst_class_robust_accuracy" in output
     result, output = invoke(runner, "eval", str(tmp_path / "run"), "--attack", "none")
@@ -64,8 +61,8 @@ def test_bad_input_ends_with_one_clear_line(runner, args, fragment, tmp_path):
     assert_one_clean_line(result, fragment)
 
 
-def test_a_truncated_weights_file_is_reported_and_left_alone(runner, tmp_path):
-    invoke(runner, "run", "--plugin", "erm", *TINY, "--out", str(tmp_path / "run"))
+def test_a_truncated_weights_file_is_reported_and_left_alone(runner, tmp_path, tiny_args):
+    invoke(runner, "run", "--plugin", "erm", *tiny_args, "--out", str(tmp_path / "run"))
     weights = tmp_path / "run" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     truncated = weights.read_bytes()
@@ -79,10 +76,10 @@ def test_a_truncated_weights_file_is_reported_and_left_alone(runner, tmp_path):
     assert_one_clean_line(result, "truncated or corrupt")
 
 
-def test_an_existing_run_is_never_overwritten(runner, tmp_path):
-    invoke(runner, "run", "--plugin", "erm", *TINY, "--out", str(tmp_path / "run"))
+def test_an_existing_run_is_never_overwritten(runner, tmp_path, tiny_args):
+    invoke(runner, "run", "--plugin", "erm", *tiny_args, "--out", str(tmp_path / "run"))
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
-    result = runner.invoke(cli.cli, ["run", "--plugin", "erm", *TINY, "--out", str(tmp_path / "run")])
+    result = runner.invoke(cli.cli, ["run", "--plugin", "erm", *tiny_args, "--out", str(tmp_path / "run")])
     assert_one_clean_line(result, "already holds a run")
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
     result = runner.invoke(cli.cli, ["run", "--resume", str(tmp_path / "run")])
