@@ -388,7 +388,7 @@ class Run:
         start = {"process_seconds": time.process_time(), "wall_seconds": time.perf_counter()}
         metrics: dict[str, Any] = {}
         owner: dict[str, str] = {}
-        with self.ctx.evaluation_randomness(self.config["seed"] + 999):
+        with self.ctx.evaluation_randomness(self.config["seed"] + 999), self.ctx.counter.paused():
             for name in self.evaluators():
                 result = self.ctx.call("evaluate", name, model=self.model, dataset=dataset)
                 for key, value in _check_metrics(name, result).items():

@@ -32,7 +32,7 @@ from advframe.hookspecs import hookimpl
 TINY_OVERRIDES = {
     "data": {"name": "digits", "train_size": 96, "test_size": 48},
     "model": {"name": "small-cnn", "args": {"width": 8, "hidden": 32}},
-    "train": {"epochs": 1, "batch_size": 32, "lr": 0.05, "checkpoint_every": 0, "monitor_examples": 16},
+    "train": {"epochs": 1, "batch_size": 32, "lr": 0.01, "checkpoint_every": 0, "monitor_examples": 16},
     "attack": {"name": "test-pgd", "eps": 0.1},
     "eval": {"attacks": [{"name": "test-pgd", "steps": 3}], "batch_size": 64},
 }
