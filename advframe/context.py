@@ -81,6 +81,8 @@ class RunContext:
         self._plugin_stack: list[str] = []
         self._stepped = False
         self._prediction_cache: dict[tuple, Predictions] = {}
+        self._query_statistics: dict[tuple, dict[str, float]] = {}
+        self._query_records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._add_model_allowed = True
 
     # -- settings ---------------------------------------------------------------------------------
@@ -191,15 +193,39 @@ class RunContext:
 
     # -- evaluation ----------------------------------------------------------------------------------
 
+    def record_queries(self, queries: torch.Tensor, success: torch.Tensor, counted: torch.Tensor | None = None) -> None:
+        """Called by query-based attacks once per batch: per example, the queries spent, whether the
+        attack succeeded, and whether the example counts (examples the model already misclassifies
+        before any perturbation do not, as in the papers). Evaluation turns these into success rate
+        and mean / median queries over successful examples."""
+        if self._query_records is not None:
+            counted = torch.ones_like(success, dtype=torch.bool) if counted is None else counted
+            self._query_records.append((queries.detach().cpu().long(), success.detach().cpu().bool(),
+                                        counted.detach().cpu().bool()))
+
+    def query_statistics(self, model: nn.Module, dataset, attack: dict[str, Any]) -> dict[str, float] | None:
+        """Success rate and queries of a query-based evaluation attack (None for other attacks)."""
+        self.predictions(model, dataset, attack)
+        return self._query_statistics.get(self._key(model, dataset, attack))
+
+    def _key(self, model, dataset, attack) -> tuple:
+        return (id(unwrap(model)), id(dataset), repr(sorted(attack.items())) if attack else None)
+
     def predictions(self, model: nn.Module, dataset, attack: dict[str, Any] | None = None) -> Predictions:
         """Logits on ``dataset``, clean (``attack=None``) or under an attack from ``eval.attacks``.
 
         Cached for the evaluation, so every evaluator shares one attack run. Under torchrun each
         rank attacks its shard and the results are gathered.
         """
-        key = (id(model), id(dataset), repr(sorted(attack.items())) if attack else None)
+        key = self._key(model, dataset, attack)
         if key not in self._prediction_cache:
-            self._prediction_cache[key] = self._predict(unwrap(model), dataset, attack)
+            self._query_records = []
+            try:
+                self._prediction_cache[key] = self._predict(unwrap(model), dataset, attack)
+                if self._query_records:
+                    self._query_statistics[key] = summarise_queries(self._query_records)
+            finally:
+                self._query_records = None
         return self._prediction_cache[key]
 
     def _predict(self, model, dataset, attack) -> Predictions:
@@ -229,6 +255,7 @@ class RunContext:
 
     def clear_predictions(self) -> None:
         self._prediction_cache.clear()
+        self._query_statistics.clear()
 
     @contextlib.contextmanager
     def evaluation_randomness(self, seed: int):
@@ -238,6 +265,19 @@ class RunContext:
             yield
         finally:
             self.generator = training
+
+
+def summarise_queries(records) -> dict[str, float]:
+    queries = distributed.gather_rows(torch.cat([r[0] for r in records]))
+    success = distributed.gather_rows(torch.cat([r[1] for r in records]))
+    counted = distributed.gather_rows(torch.cat([r[2] for r in records]))
+    won = queries[success & counted].float()
+    return {
+        "attack_success_rate": float((success & counted).sum() / counted.sum()) if counted.any() else float("nan"),
+        "mean_queries": float(won.mean()) if len(won) else float("nan"),
+        "median_queries": float(won.median()) if len(won) else float("nan"),
+        "attacked_examples": float(counted.sum()),
+    }
 
 
 def attack_label(params: dict[str, Any]) -> str:

@@ -48,8 +48,12 @@ def generate_perturbation(
     :param inputs: clean batch ``(N, ...)`` in [0, 1].
     :param labels: ``(N,)`` true classes; with ``params["targeted"]`` true, the target classes.
     :param params: this attack's resolved settings (the plugin's defaults, then the user's), always
-        with ``eps`` and ``norm`` (``"linf"``, ``"l2"`` or ``"l1"``).
-    :param ctx: the run; draw randomness from ``ctx.generator`` so attacks are seeded.
+        with ``eps`` and ``norm`` (``"linf"``, ``"l2"`` or ``"l1"``). When another method seeds the
+        attack programmatically, ``params["init"]`` holds a starting perturbation (a tensor shaped
+        like ``inputs``).
+    :param ctx: the run; draw randomness from ``ctx.generator`` so attacks are seeded. A query-based
+        attack queries through :class:`advframe.cost.QueryCounter` and reports its per-example
+        queries with ``ctx.record_queries``.
     :return: a tensor with the shape, dtype and device of ``inputs``, inside the ``eps`` ball of
         ``inputs`` under ``norm`` and inside [0, 1]. Stops at the first non-None result.
     """

@@ -21,9 +21,11 @@ from advframe.errors import ConfigError
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks and two linear layers: the default for 28x28 (and other small) inputs."""
+    """Two conv blocks (with BatchNorm by default) and two linear layers: the default for 28x28 and
+    other small inputs. Width 16 with BatchNorm trains faster and more robustly on the embedded MNIST
+    subset than width 32 without (measured with PGD-AT, see README)."""
 
-    def __init__(self, num_classes=10, in_channels=1, input_size=28, width=32, hidden=128, batch_norm=False):
+    def __init__(self, num_classes=10, in_channels=1, input_size=28, width=16, hidden=128, batch_norm=True):
         super().__init__()
 
         def block(cin, cout):

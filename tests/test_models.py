@@ -6,7 +6,7 @@ from advframe.errors import ConfigError
 
 
 @pytest.mark.parametrize("name, args, shape", [
-    ("small-cnn", {}, (1, 28, 28)),
+    ("small-cnn", {"batch_norm": False}, (1, 28, 28)),
     ("small-cnn", {"batch_norm": True}, (3, 32, 32)),
     ("mlp", {"hidden": [32]}, (1, 8, 8)),
     ("preact-resnet18", {}, (3, 32, 32)),
@@ -44,7 +44,7 @@ def test_auxiliary_batchnorm_routes_and_keeps_separate_statistics():
     assert not torch.allclose(first.main.running_mean, first.aux.running_mean)
     assert {"stem.1.main.running_mean", "stem.1.aux.running_mean"} <= set(model.state_dict())
     with pytest.raises(ConfigError, match="no BatchNorm"):
-        models.with_auxiliary_bn(models.build({"name": "small-cnn", "args": {}}, (1, 28, 28), 10))
+        models.with_auxiliary_bn(models.build({"name": "small-cnn", "args": {"batch_norm": False}}, (1, 28, 28), 10))
 
 
 def test_eval_mode_restores_each_submodule():

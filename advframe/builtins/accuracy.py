@@ -3,7 +3,9 @@
 The first evaluation attack gives ``robust_accuracy``, ``worst_class_robust_accuracy`` and
 ``per_class_robust_accuracy``; every attack also gives ``robust_accuracy/<label>``; with more than one
 attack, ``robust_accuracy/worst_case`` counts an example as robust only if it survives all of them
-(per-example worst case, as AutoAttack reports).
+(per-example worst case, as AutoAttack reports). Query-based attacks that report their queries
+(``ctx.record_queries``) add ``attack_success_rate``, ``mean_queries`` and ``median_queries`` (over
+successful examples, initially misclassified ones excluded) for their label.
 """
 
 import torch
@@ -38,7 +40,11 @@ def evaluate(model, dataset, ctx):
         # a clean mistake is a robust mistake too, whatever the attack returned
         correct = ctx.predictions(model, dataset, attack).correct & clean.correct
         robust_all &= correct
-        metrics[f"robust_accuracy/{attack_label(attack)}"] = correct.float().mean().item()
+        label = attack_label(attack)
+        metrics[f"robust_accuracy/{label}"] = correct.float().mean().item()
+        queries = ctx.query_statistics(model, dataset, attack)
+        for key, value in (queries or {}).items():
+            metrics[f"{key}/{label}"] = value
         if index == 0:
             per_class = per_class_accuracy(correct, clean.labels, num_classes)
             metrics["robust_accuracy"] = correct.float().mean().item()
