@@ -1,0 +1,154 @@
+"""``nes``: the query-limited NES attack (Ilyas, Engstrom, Athalye and Lin, "Black-box Adversarial
+Attacks with Limited Queries and Information", ICML 2018, arXiv:1804.08598; code:
+labsix/limited-blackbox-attacks).
+
+Natural Evolution Strategies estimate the gradient of the loss from scores alone, with antithetic
+Gaussian samples: ``g = 1 / (n sigma) * sum_i L(x + sigma u_i) u_i`` over ``n / 2`` pairs
+``(u, -u)``. The attack is projected gradient ascent on that estimate: momentum 0.9 on g, a step of
+``lr`` along sign(g) (L-inf; the L2 variant steps along g / ||g||, as the NES-L2 baseline of the
+Bandits code), projection into the ``eps`` ball and [0, 1]. ``lr`` is halved (down to
+``lr / min_lr_ratio``) when the mean sampled loss has not improved over the last
+``plateau_length`` iterations. Loss: cross-entropy of the true class, ascended (untargeted), or
+cross-entropy of the target class, descended (targeted, the paper's setting).
+
+Queries (all through :class:`advframe.cost.QueryCounter`, each counted, the budget included): one
+on the clean input (it says whether the example counts: initially misclassified examples, or in
+targeted mode examples already at the target, are not attacked and not counted), one on
+``x + init`` when another method seeds the attack, then per iteration ``samples`` for the estimate
+and one at the new iterate (the success check; the official code counts it too). An example stops
+when it succeeds or fewer than ``samples + 1`` queries are left. Sampled points are clipped to
+[0, 1], so every query is a valid image (the official code queries slightly outside).
+
+Settings (``plugins.nes`` or per use in ``attack`` / ``eval.attacks``), with defaults::
+
+    budget: 1000           # queries per example, the clean query included
+    samples: 50            # samples per gradient estimate (even: antithetic pairs), official 50
+    sigma: 0.001           # search variance, official 1e-3
+    lr: null               # maximum step; null = eps / 5 (official 0.01 at eps 0.05)
+    min_lr_ratio: 200      # the step is never annealed below lr / min_lr_ratio (official 5e-5 = 0.01 / 200)
+    momentum: 0.9          # official
+    plateau_length: 5      # official
+    plateau_drop: 2.0      # official
+    targeted: false        # true: the labels passed are target classes
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from advframe import PluginError, hookimpl
+from advframe.attacks import ascent_direction, misclassified, project
+from advframe.cost import QueryCounter
+
+DEFAULTS = {"budget": 1000, "samples": 50, "sigma": 0.001, "lr": None, "min_lr_ratio": 200.0, "momentum": 0.9,
+            "plateau_length": 5, "plateau_drop": 2.0, "targeted": False}
+
+
+class QueryResult(NamedTuple):
+    adversarial: torch.Tensor  # one row per example
+    queries: torch.Tensor  # queries spent per example
+    success: torch.Tensor  # reached the goal: wrong class, or the target class
+    counted: torch.Tensor  # attacked: the clean input was not already a success
+
+
+@hookimpl
+def default_config():
+    return dict(DEFAULTS)
+
+
+def objective(scores: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """What NES ascends: CE of the true class, or minus CE of the target class."""
+    loss = F.cross_entropy(scores, labels, reduction="none")
+    return -loss if targeted else loss
+
+
+def estimate_gradient(counter, inputs, labels, index, samples, sigma, targeted, generator):
+    """Antithetic NES estimate at ``inputs`` (one row per example in ``index``); the mean sampled loss."""
+    m, pairs = len(inputs), samples // 2
+    noise = torch.randn((m, pairs, *inputs.shape[1:]), generator=generator).to(inputs)
+    noise = torch.cat([noise, -noise], 1)
+    points = (inputs[:, None] + sigma * noise).clamp(0, 1).flatten(0, 1)
+    scores = counter(points, index.repeat_interleave(2 * pairs))
+    losses = objective(scores, labels.repeat_interleave(2 * pairs), targeted).view(m, 2 * pairs)
+    gradient = (losses.view(m, -1, *[1] * (inputs.dim() - 1)) * noise).mean(1) / sigma
+    return gradient, losses.mean(1)
+
+
+def check_settings(params: dict) -> None:
+    budget = params["budget"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise PluginError(f"nes: budget must be a whole number of queries >= 1, got {budget!r}")
+    if params["norm"] not in ("linf", "l2"):
+        raise PluginError(f"nes supports norm linf or l2, got {params['norm']!r}; set attack.norm to one of them")
+    if params["samples"] < 2 or params["samples"] % 2:
+        raise PluginError(f"nes: samples must be an even number >= 2 (antithetic pairs), got {params['samples']}")
+    if params["sigma"] <= 0 or (params["lr"] is not None and params["lr"] <= 0) or params["min_lr_ratio"] < 1:
+        raise PluginError("nes: sigma and lr must be > 0 and min_lr_ratio >= 1")
+    if not 0 <= params["momentum"] < 1 or params["plateau_length"] < 2 or params["plateau_drop"] <= 1:
+        raise PluginError("nes: momentum must be in [0, 1), plateau_length >= 2, plateau_drop > 1")
+
+
+def nes_attack(model, inputs, labels, *, eps: float, norm: str = "linf", budget: int = 1000, samples: int = 50,
+               sigma: float = 0.001, lr: float | None = None, min_lr_ratio: float = 200.0, momentum: float = 0.9,
+               plateau_length: int = 5, plateau_drop: float = 2.0, targeted: bool = False,
+               init: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               counter: QueryCounter | None = None, counted: torch.Tensor | None = None) -> QueryResult:
+    """Run the query-limited NES attack on one batch (inputs in [0, 1]).
+
+    :param init: a starting perturbation (projected into the ball); the ascent starts there.
+    :param counter: a :class:`QueryCounter` to continue another method's query count.
+    :param counted: which examples to attack, when the caller already knows it (no clean query).
+    """
+    generator = generator or torch.Generator().manual_seed(0)
+    n = len(inputs)
+    counter = counter or QueryCounter(model, n, budget=budget, attack="nes")
+    inputs, labels = inputs.detach(), labels.detach()
+    every = torch.arange(n, device=inputs.device)
+    success = torch.zeros(n, dtype=torch.bool, device=inputs.device)
+    delta = torch.zeros_like(inputs) if init is None else project(init.detach().to(inputs), inputs, eps, norm)
+    clean_query = counted is None
+    if clean_query:
+        success = misclassified(counter(inputs, every), labels, targeted)
+        counted = ~success
+    counted = counted.to(inputs.device)
+    todo = every[counted & (counter.remaining(every).to(inputs.device) > 0)]
+    if len(todo) and (init is not None or not clean_query):  # the ascent's starting point
+        success[todo] = misclassified(counter(inputs[todo] + delta[todo], todo), labels[todo], targeted)
+    max_lr = torch.full((n,), eps / 5 if lr is None else lr, device=inputs.device)
+    min_lr = max_lr / min_lr_ratio
+    velocity = torch.zeros_like(inputs)
+    history = torch.full((n, plateau_length), float("nan"), device=inputs.device)
+    while True:
+        todo = every[counted & ~success & (counter.remaining(every).to(inputs.device) > samples)]
+        if len(todo) == 0:
+            break
+        x = inputs[todo]
+        gradient, mean_loss = estimate_gradient(counter, x + delta[todo], labels[todo], todo, samples, sigma,
+                                                targeted, generator)
+        velocity[todo] = momentum * velocity[todo] + (1 - momentum) * gradient
+        # plateau annealing: halve the step when the loss has not risen over the window
+        window = torch.cat([history[todo, 1:], mean_loss[:, None]], 1)
+        stalled = ~window.isnan().any(1) & (window[:, -1] < window[:, 0])
+        max_lr[todo[stalled]] = torch.maximum(max_lr[todo[stalled]] / plateau_drop, min_lr[todo[stalled]])
+        window[stalled] = float("nan")
+        history[todo] = window
+        step = max_lr[todo].view(-1, *[1] * (inputs.dim() - 1)) * ascent_direction(velocity[todo], norm)
+        delta[todo] = project(delta[todo] + step, x, eps, norm)
+        success[todo] = misclassified(counter(x + delta[todo], todo), labels[todo], targeted)
+    adversarial = torch.where(counted.view(-1, *[1] * (inputs.dim() - 1)), inputs + delta, inputs)
+    return QueryResult(adversarial.detach(), counter.counts.clone(), success, counted)
+
+
+@hookimpl
+def generate_perturbation(model, inputs, labels, params, ctx):
+    check_settings(params)
+    result = nes_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=params["budget"],
+                        samples=params["samples"], sigma=params["sigma"], lr=params["lr"],
+                        min_lr_ratio=params["min_lr_ratio"], momentum=params["momentum"],
+                        plateau_length=params["plateau_length"], plateau_drop=params["plateau_drop"],
+                        targeted=params["targeted"], init=params.get("init"), generator=ctx.generator)
+    ctx.record_queries(result.queries, result.success, counted=result.counted)
+    return result.adversarial
