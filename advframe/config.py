@@ -29,7 +29,11 @@ CORE_DEFAULTS: dict[str, Any] = {
         "test_size": None,
         "validation_size": 0,
         "augment": "none",
-        "normalize": False,
+        "train_classes": None,
+        "test_classes": None,
+        "test_alphabets": None,
+        "rotations": [0],
+        "image_size": 28,
     },
     "model": {"name": "small-cnn", "args": {}},
     "train": {
@@ -55,7 +59,18 @@ CORE_DEFAULTS: dict[str, Any] = {
         "max_examples": None,
         "evaluators": [],
     },
-    "meta": {"learner": "noadapt"},
+    "meta": {
+        "learner": "noadapt",
+        "episodic_training": False,
+        "ways": 5,
+        "train_shots": 1,
+        "test_shots": 1,
+        "queries": 15,
+        "tasks_per_batch": 4,
+        "tasks_per_epoch": 400,
+        "test_tasks": 200,
+        "attack_support": False,
+    },
     "plugins": {},
 }
 
@@ -64,6 +79,9 @@ NULLABLE = {
     "data.root": str,
     "data.train_size": int,
     "data.test_size": int,
+    "data.train_classes": list,
+    "data.test_classes": list,
+    "data.test_alphabets": list,
     "eval.max_examples": int,
 }
 
@@ -93,6 +111,14 @@ LOWER_BOUNDS = {
     "checkpoint_every": (0, False),
     "monitor_examples": (0, False),
     "validation_size": (0, False),
+    "image_size": (4, False),
+    "ways": (2, False),
+    "train_shots": (1, False),
+    "test_shots": (1, False),
+    "queries": (1, False),
+    "tasks_per_batch": (1, False),
+    "tasks_per_epoch": (1, False),
+    "test_tasks": (1, False),
     "train_size": (1, False),
     "test_size": (1, False),
     "max_examples": (1, False),
@@ -133,14 +159,30 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_dotted(config: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c`` (a number indexes a list: ``eval.attacks.0.steps``)."""
     parts = key.split(".")
-    node = config
-    for part in parts[:-1]:
+    node: Any = config
+    for depth, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"cannot set {key}: {'.'.join(parts[:depth])} has no entry {part}")
+            node = node[int(part)]
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set {key}: {part} is not a section")
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(f"cannot set {key}: {where} is not a section")
+        if isinstance(child, dict) and not child and parts[depth + 1].isdigit():
+            raise ConfigError(f"cannot set {key}: {where} is not in your config; set the whole list, "
+                              f"e.g. --set '{where}=[{{name: pgd, steps: 50}}]'")
         node = child
-    node[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"cannot set {key}: no entry {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
 
 
 def get_dotted(config: dict, key: str, default: Any = None) -> Any:
@@ -265,6 +307,12 @@ def resolve(host, user: dict[str, Any] | None = None, overrides: list[str] = (),
     if not isinstance(user_plugins, dict):
         raise ConfigError(f"plugins must be a mapping of plugin name to settings, got {user_plugins!r}")
     config = merge_checked(CORE_DEFAULTS, user_core)
+    recommended = method_defaults(host, config)
+    if recommended:  # the method's own core settings go under the user's
+        attack = recommended.pop("attack", {})
+        recommended["attack"] = {k: v for k, v in attack.items() if k in ATTACK_CORE_KEYS}
+        attack_extra = {**{k: v for k, v in attack.items() if k not in ATTACK_CORE_KEYS}, **attack_extra}
+        config = merge_checked(merge_checked(CORE_DEFAULTS, recommended), user_core)
     eval_entries = user.get("eval", {}).get("attacks") if isinstance(user.get("eval"), dict) else None
     config["eval"]["attacks"] = copy.deepcopy(eval_entries) if eval_entries is not None else config["eval"]["attacks"]
 
@@ -296,6 +344,27 @@ def resolve(host, user: dict[str, Any] | None = None, overrides: list[str] = (),
     ]
     check_values(config)
     return config
+
+
+RUN_DEFAULT_SECTIONS = ("data", "model", "train", "attack", "eval", "meta")
+
+
+def method_defaults(host, config: dict) -> dict:
+    """The core settings the selected training method and meta-learner recommend (``run_defaults``)."""
+    merged: dict = {}
+    for name in dict.fromkeys([config["train"]["method"], config["meta"]["learner"]]):
+        host.require(name)
+        if not host.implements(name, "run_defaults"):
+            continue
+        recommended = host.call("run_defaults", name)
+        if not isinstance(recommended, dict) or set(recommended) - set(RUN_DEFAULT_SECTIONS):
+            from advframe.errors import PluginCallError
+
+            raise PluginCallError(f"plugin {name!r}: run_defaults must return a dict of the sections "
+                                  f"{', '.join(RUN_DEFAULT_SECTIONS)}")
+        for section, values in recommended.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
 
 
 def _attack_params(core: dict, extra: dict, plugins: dict, path: str) -> dict:

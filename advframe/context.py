@@ -84,6 +84,9 @@ class RunContext:
         self._query_statistics: dict[tuple, dict[str, float]] = {}
         self._query_records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._add_model_allowed = True
+        self.test_tasks: list = []  # episodic runs: the fixed meta-test tasks
+        self._adapted: dict[tuple, nn.Module] = {}
+        self._task_cache: dict[tuple, list[torch.Tensor]] = {}
 
     # -- settings ---------------------------------------------------------------------------------
 
@@ -256,6 +259,68 @@ class RunContext:
     def clear_predictions(self) -> None:
         self._prediction_cache.clear()
         self._query_statistics.clear()
+        self._adapted.clear()
+        self._task_cache.clear()
+
+    # -- episodic evaluation ---------------------------------------------------------------------------
+
+    @property
+    def episodic(self) -> bool:
+        """True when the run evaluates on few-shot tasks (a meta-learner is selected)."""
+        return self.config["meta"]["learner"] != "noadapt"
+
+    def adapt(self, model: nn.Module, task, support: tuple | None = None) -> nn.Module:
+        """The meta-learner's predictor for ``task`` (adapted to its clean support once, then cached)."""
+        key = (id(unwrap(model)), id(task))
+        if support is None and key in self._adapted:
+            return self._adapted[key]
+        clean = support is None
+        with eval_mode(unwrap(model)), torch.enable_grad():
+            support = support or tuple(t.to(self.device) for t in task.support)
+            adapted = self.call("adapt_task", self.config["meta"]["learner"], model=unwrap(model), support=support)
+        if not isinstance(adapted, nn.Module):
+            raise PluginCallError(f"adapt_task of {self.config['meta']['learner']!r} must return an nn.Module")
+        if clean:
+            self._adapted[key] = adapted
+        return adapted
+
+    def task_correct(self, model: nn.Module, attack: dict[str, Any] | None = None) -> list[torch.Tensor]:
+        """Per test task, which query examples the adapted model classifies correctly, clean or under
+        ``attack`` (run against the adapted model; with ``meta.attack_support`` the support is
+        perturbed too and the model re-adapted on it). Cached for the evaluation."""
+        key = self._key(model, None, attack)
+        if key in self._task_cache:
+            return self._task_cache[key]
+        rank, world = distributed.rank(), distributed.world_size()
+        mine = list(range(rank, len(self.test_tasks), world))
+        label = attack_label(attack) if attack else "clean"
+        progress = self.progress.add_task(f"tasks {label}", total=len(mine)) if self.progress else None
+        rows = []
+        with self.counter.paused():
+            for index in mine:
+                task = self.test_tasks[index].to(self.device)
+                adapted = self.adapt(model, self.test_tasks[index])
+                inputs, labels = task.query
+                if attack is not None:
+                    if self.config["meta"]["attack_support"]:
+                        support = (self.attack(adapted, *task.support, attack), task.support_labels)
+                        adapted = self.adapt(model, self.test_tasks[index], support)
+                    inputs = self.attack(adapted, inputs, labels, attack)
+                with torch.no_grad(), eval_mode(adapted):
+                    rows.append((adapted(inputs).argmax(1) == labels).cpu())
+                if progress is not None:
+                    self.progress.advance(progress)
+        if progress is not None:
+            self.progress.remove_task(progress)
+        if world > 1:  # every task has the same number of queries: gather as one tensor
+            gathered = distributed.gather_rows(torch.stack(rows).long())
+            order = distributed.gather_rows(torch.tensor(mine))
+            result = [None] * len(self.test_tasks)
+            for position, row in zip(order.tolist(), gathered.bool()):
+                result[position] = row
+            rows = result
+        self._task_cache[key] = rows
+        return rows
 
     @contextlib.contextmanager
     def evaluation_randomness(self, seed: int):

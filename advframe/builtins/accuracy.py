@@ -25,8 +25,27 @@ def worst_class(values: list[float]) -> float:
     return min(present) if present else float("nan")
 
 
+def episodic_metrics(model, ctx) -> dict:
+    """Few-shot runs: accuracy over the fixed test tasks, mean and 95% confidence interval."""
+    from advframe.episodes import mean_and_ci95
+
+    clean = ctx.task_correct(model)
+    mean, ci = mean_and_ci95(torch.stack([c.float().mean() for c in clean]))
+    metrics = {"clean_accuracy": mean, "clean_accuracy_ci95": ci, "test_tasks": float(len(clean))}
+    for index, attack in enumerate(ctx.config["eval"]["attacks"]):
+        robust = [(a & c).float().mean() for a, c in zip(ctx.task_correct(model, attack), clean)]
+        mean, ci = mean_and_ci95(torch.stack(robust))
+        label = attack_label(attack)
+        metrics[f"robust_accuracy/{label}"], metrics[f"robust_accuracy_ci95/{label}"] = mean, ci
+        if index == 0:
+            metrics["robust_accuracy"], metrics["robust_accuracy_ci95"] = mean, ci
+    return metrics
+
+
 @hookimpl
 def evaluate(model, dataset, ctx):
+    if ctx.episodic:
+        return episodic_metrics(model, ctx)
     num_classes = ctx.num_classes
     clean = ctx.predictions(model, dataset)
     per_class_clean = per_class_accuracy(clean.correct, clean.labels, num_classes)

@@ -150,10 +150,10 @@ def bandits_attack(model, inputs, labels, *, eps: float, norm: str = "linf", bud
         x, y, v = inputs[todo] + delta[todo], labels[todo], prior[todo]
         noise = steps["exploration"] * torch.randn(v.shape, generator=generator).to(v) / dim ** 0.5
         up_plus, up_minus = upsample(v + noise), upsample(v - noise)
-        probes = torch.cat([x + steps["fd_eta"] * up_plus / flat_norm(up_plus),
-                            x + steps["fd_eta"] * up_minus / flat_norm(up_minus)]).clamp(0, 1)
-        losses = objective(counter(probes, torch.cat([todo, todo])), torch.cat([y, y]), targeted)
-        derivative = (losses[:len(todo)] - losses[len(todo):]) / (steps["fd_eta"] * steps["exploration"])
+        # two calls: a counter call counts each example once, so its rows must be distinct examples
+        plus, minus = ((x + steps["fd_eta"] * up / flat_norm(up)).clamp(0, 1) for up in (up_plus, up_minus))
+        losses = [objective(counter(probe, todo), y, targeted) for probe in (plus, minus)]
+        derivative = (losses[0] - losses[1]) / (steps["fd_eta"] * steps["exploration"])
         gradient = derivative.view(-1, 1, 1, 1) * noise
         if norm == "linf":
             prior[todo] = exponentiated_gradient(v, gradient, steps["online_lr"])

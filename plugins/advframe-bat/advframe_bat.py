@@ -97,7 +97,7 @@ def boundary_statistics(model, dataset, ctx) -> dict[str, object]:
     """Per-class attack steps to the boundary, and the last-clean / first-adversarial invariants."""
     steps = ctx.attack_params["steps"]
     boundary_step = torch.zeros(len(dataset))
-    last_clean_ok, first_adv_ok, stopped, clean_correct = [], [], [], []
+    last_clean_ok, first_adv_ok, stopped, clean_correct, crossed_later = [], [], [], [], []
     batch_size = ctx.config["eval"]["batch_size"]
     with eval_mode(model):
         for start in range(0, len(dataset), batch_size):
@@ -110,9 +110,10 @@ def boundary_statistics(model, dataset, ctx) -> dict[str, object]:
             flip = points.flip_step.float().cpu()
             boundary_step[start:start + len(labels)] = torch.where(flip >= 0, flip, torch.tensor(float(steps)))
             stopped.append(points.stopped.cpu())
+            crossed_later.append((points.flip_step > 0).cpu())
             clean_correct.append(clean.cpu())
     last_clean_ok, first_adv_ok = torch.cat(last_clean_ok).cpu(), torch.cat(first_adv_ok).cpu()
-    stopped, clean_correct = torch.cat(stopped), torch.cat(clean_correct)
+    stopped, clean_correct, crossed_later = torch.cat(stopped), torch.cat(clean_correct), torch.cat(crossed_later)
     per_class = []
     for cls in range(ctx.num_classes):
         members = (dataset.labels == cls) & clean_correct
@@ -121,8 +122,8 @@ def boundary_statistics(model, dataset, ctx) -> dict[str, object]:
     return {
         "per_class_boundary_steps": per_class,
         "boundary_steps_class_spread": max(present) - min(present) if present else float("nan"),
-        # a last-clean point can only be wrong where the clean input already was
-        "last_clean_correct_fraction": float(last_clean_ok[clean_correct].float().mean()) if clean_correct.any() else float("nan"),
+        # checked where a last-clean point exists: the walk crossed after at least one correct step
+        "last_clean_correct_fraction": float(last_clean_ok[crossed_later].float().mean()) if crossed_later.any() else float("nan"),
         "first_adversarial_wrong_fraction": float(first_adv_ok[stopped].float().mean()) if stopped.any() else float("nan"),
     }
 

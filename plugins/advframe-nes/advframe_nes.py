@@ -66,15 +66,18 @@ def objective(scores: torch.Tensor, labels: torch.Tensor, targeted: bool) -> tor
 
 
 def estimate_gradient(counter, inputs, labels, index, samples, sigma, targeted, generator):
-    """Antithetic NES estimate at ``inputs`` (one row per example in ``index``); the mean sampled loss."""
-    m, pairs = len(inputs), samples // 2
-    noise = torch.randn((m, pairs, *inputs.shape[1:]), generator=generator).to(inputs)
-    noise = torch.cat([noise, -noise], 1)
-    points = (inputs[:, None] + sigma * noise).clamp(0, 1).flatten(0, 1)
-    scores = counter(points, index.repeat_interleave(2 * pairs))
-    losses = objective(scores, labels.repeat_interleave(2 * pairs), targeted).view(m, 2 * pairs)
-    gradient = (losses.view(m, -1, *[1] * (inputs.dim() - 1)) * noise).mean(1) / sigma
-    return gradient, losses.mean(1)
+    """Antithetic NES estimate at ``inputs`` (one row per example in ``index``); the mean sampled loss.
+
+    One counter call per sample: a call counts each example once, so its rows must be distinct examples.
+    """
+    pairs = samples // 2
+    noise = torch.randn((pairs, *inputs.shape), generator=generator).to(inputs)
+    gradient, total = torch.zeros_like(inputs), torch.zeros(len(inputs), device=inputs.device)
+    for u in (*noise, *-noise):
+        loss = objective(counter((inputs + sigma * u).clamp(0, 1), index), labels, targeted)
+        gradient += loss.view(-1, *[1] * (inputs.dim() - 1)) * u
+        total += loss
+    return gradient / (samples * sigma), total / samples
 
 
 def check_settings(params: dict) -> None:

@@ -1,0 +1,228 @@
+"""``autoattack``: the AutoAttack ensemble (Croce & Hein, "Reliable evaluation of adversarial robustness
+with an ensemble of diverse parameter-free attacks", ICML 2020, arXiv:2003.01690; code:
+fra31/auto-attack, ``autoattack/autoattack.py``).
+
+The components run one after another, each only on the examples that are still robust (clean inputs
+already misclassified are never attacked); an example is broken as soon as one component breaks it and
+keeps that component's adversarial example, so the robust accuracy is the per-example worst case over
+the components, as AutoAttack reports it. The reference's ``standard`` version runs APGD-CE, APGD-T
+(9 target classes), FAB-T (9 target classes) and Square (5,000 queries, p_init 0.8). Here:
+
+* ``apgd-ce``, ``apgd-dlr``, ``apgd-t``: this package's APGD (``steps`` iterations, ``apgd_restarts``
+  restarts for APGD-CE/DLR, one per target for APGD-T, as the reference);
+* ``margin-t``: **stands in for FAB-T**, which is not implemented: targeted PGD on the Carlini-Wagner
+  margin (``advframe.attacks.pgd``, ``loss="margin"``, step 2.5 eps / steps) towards the same
+  ``target_classes`` classes ranked after the true one, each on the examples still robust. Like FAB-T
+  it is a targeted attack with a different objective from APGD-T's DLR; unlike FAB-T it does not look
+  for the minimal perturbation, only for one inside the ball;
+* ``square``: the ``square`` plugin (another package), called through ``ctx.attack`` with its own
+  settings (``plugins.square``) plus the ``square`` overrides below. If it is not installed the
+  component is skipped with a warning, and ``autoattack/skipped/square`` = 1 is reported.
+
+Per-component results (robust accuracy after each component, which component broke how many
+examples, skipped components) are reported by this plugin's ``evaluate`` hook: add ``autoattack`` to
+``eval.evaluators`` next to the ``eval.attacks`` entry (an evaluation attack cannot report metrics on
+its own in advframe 0.1). The ``rand`` version (EOT for randomised defenses) is not implemented.
+
+Settings (``plugins.autoattack``, or per use in ``eval.attacks``), with defaults::
+
+    components: [apgd-ce, apgd-t, margin-t, square]   # order of the ensemble (custom lists allowed)
+    steps: 100                # iterations of the APGD components and of margin-t (reference 100)
+    apgd_restarts: 1          # restarts of apgd-ce / apgd-dlr (reference standard: 1)
+    target_classes: 9         # targets of apgd-t and margin-t (reference 9; at most classes - 1)
+    square: {}                # overrides for the square plugin, e.g. {queries: 5000, p_init: 0.8}
+
+Threat models L-inf and L2, untargeted (``targeted: true`` is rejected: AutoAttack measures
+untargeted robustness).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+import weakref
+
+import torch
+
+from advframe import PluginError, hookimpl
+from advframe.attacks import misclassified, pgd
+from advframe.context import attack_label
+from advframe.models import eval_mode, unwrap
+
+from advframe_apgd import NORMS, apgd, apgd_targeted, check_settings
+
+COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "margin-t", "square")
+DEFAULTS = {
+    "components": ["apgd-ce", "apgd-t", "margin-t", "square"],
+    "steps": 100,
+    "apgd_restarts": 1,
+    "target_classes": 9,
+    "square": {},
+}
+
+# What each batch's run found, per run context and attack settings, for the evaluate hook: a list of
+# (labels, index of the component that broke each example; -1 robust, -2 misclassified when clean).
+_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+ROBUST, CLEAN_WRONG = -1, -2
+
+
+def settings_key(params: dict) -> str:
+    return repr(sorted((k, v) for k, v in params.items() if k != "init"))
+
+
+def check(params: dict, num_classes: int) -> None:
+    unknown = [c for c in params["components"] if c not in COMPONENTS]
+    if unknown or not params["components"]:
+        raise PluginError(f"autoattack: components must be a non-empty list of {', '.join(COMPONENTS)}; "
+                          f"got {params['components']!r}")
+    if params.get("targeted"):
+        raise PluginError("autoattack: targeted mode is not supported (AutoAttack is untargeted); "
+                          "use apgd with targeted: true")
+    if not isinstance(params["square"], dict):
+        raise PluginError(f"autoattack: square must be a mapping of square settings, got {params['square']!r}")
+    components = set(params["components"])
+    loss = "dlr-targeted" if "apgd-t" in components else "dlr" if "apgd-dlr" in components else "ce"
+    check_settings({"norm": params["norm"], "steps": params["steps"], "rho": 0.75, "momentum": 0.75, "loss": loss,
+                    "target_classes": params["target_classes"]}, num_classes, "autoattack")
+    if "margin-t" in components and not 1 <= params["target_classes"] < num_classes:
+        raise PluginError(f"autoattack: target_classes must be between 1 and {num_classes - 1}, "
+                          f"got {params['target_classes']}")
+
+
+def square_params(ctx, params: dict) -> dict | None:
+    """The square plugin's settings for this run, or None (with a warning) when it is not installed."""
+    if "square" not in ctx.host.available("attack"):
+        warnings.warn("autoattack: the square plugin is not installed, so the Square component is skipped "
+                      "(pip install advframe-square); the result is reported as autoattack/skipped/square",
+                      stacklevel=2)
+        return None
+    known = ctx.host.default_config("square")
+    unknown = sorted(set(params["square"]) - set(known))
+    if unknown:
+        raise PluginError(f"autoattack: square has no setting {', '.join(unknown)}; its settings are "
+                          f"{', '.join(sorted(known))}")
+    return ctx.attack_settings("square", **params["square"], eps=params["eps"], norm=params["norm"])
+
+
+def run_square(ctx, model, inputs, labels, settings) -> torch.Tensor:
+    """Square through the core, without letting its query records count as this attack's queries."""
+    records = getattr(ctx, "_query_records", None)
+    ctx._query_records = None
+    try:
+        return ctx.attack(model, inputs, labels, settings)
+    finally:
+        ctx._query_records = records
+
+
+def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Run the components in order on the still-robust examples. Returns the adversarial batch, the
+    index of the component that broke each example (``ROBUST`` / ``CLEAN_WRONG``), and skipped components."""
+    model = unwrap(model)
+    with eval_mode(model):
+        with torch.no_grad():
+            clean_logits = model(inputs)
+        ranking = clean_logits.argsort(1, descending=True)
+        broken_by = torch.full((len(inputs),), ROBUST, dtype=torch.long, device=inputs.device)
+        broken_by[misclassified(clean_logits, labels)] = CLEAN_WRONG
+        adversarial = inputs.clone()
+        skipped = []
+        common = dict(eps=params["eps"], norm=params["norm"], steps=params["steps"], stop_on_success=True,
+                      generator=ctx.generator)
+        for position, component in enumerate(params["components"]):
+            todo = (broken_by == ROBUST).nonzero().flatten()
+            if len(todo) == 0:
+                break
+            x, y = inputs[todo], labels[todo]
+            if component in ("apgd-ce", "apgd-dlr"):
+                found = apgd(model, x, y, loss=component[5:], restarts=params["apgd_restarts"], **common).adversarial
+            elif component == "apgd-t":
+                found = apgd_targeted(model, x, y, target_classes=params["target_classes"], **common).adversarial
+            elif component == "margin-t":
+                found = targeted_margin(model, x, y, ranking[todo], params, ctx)
+            else:
+                settings = square_params(ctx, params)
+                if settings is None:
+                    skipped.append(component)
+                    continue
+                found = run_square(ctx, model, x, y, settings)
+            with torch.no_grad():
+                hit = misclassified(model(found), y)
+            adversarial[todo[hit]] = found[hit]
+            broken_by[todo[hit]] = position
+    return adversarial, broken_by, skipped
+
+
+def targeted_margin(model, inputs, labels, ranking, params, ctx) -> torch.Tensor:
+    """The FAB-T stand-in: targeted margin PGD towards each of the top ``target_classes`` other classes."""
+    result = inputs.clone()
+    todo = torch.arange(len(inputs), device=inputs.device)
+    eps, steps = params["eps"], params["steps"]
+    for rank in range(1, params["target_classes"] + 1):
+        if len(todo) == 0:
+            break
+        targets = ranking[todo, rank]
+        found = pgd(model, inputs[todo], targets, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=params["norm"],
+                    loss="margin", targeted=True, stop_on_success=True, generator=ctx.generator)
+        with torch.no_grad():
+            hit = misclassified(model(found), labels[todo])
+        result[todo[hit]] = found[hit]
+        todo = todo[~hit]
+    return result
+
+
+@hookimpl
+def default_config():
+    return copy.deepcopy(DEFAULTS)
+
+
+@hookimpl
+def generate_perturbation(model, inputs, labels, params, ctx):
+    check(params, ctx.num_classes)
+    adversarial, broken_by, skipped = ensemble(model, inputs, labels, params, ctx)
+    _RECORDS.setdefault(ctx, {}).setdefault(settings_key(params), []).append(
+        (labels.detach().cpu(), broken_by.cpu(), tuple(skipped)))
+    return adversarial
+
+
+def entries(ctx) -> list[dict]:
+    """The ``autoattack`` entries of ``eval.attacks``, or this plugin's settings when there are none."""
+    found = [entry for entry in ctx.config["eval"]["attacks"] if entry["name"] == "autoattack"]
+    return found or [ctx.attack_settings("autoattack")]
+
+
+@hookimpl
+def evaluate(model, dataset, ctx):
+    """Robust accuracy after each component (cumulative, as AutoAttack prints it) and skipped components."""
+    metrics = {}
+    for params in entries(ctx):
+        label = attack_label(params)
+        predictions = ctx.predictions(model, dataset, params)  # shared with the accuracy evaluator
+        clean = ctx.predictions(model, dataset)
+        metrics[f"{label}/robust_accuracy"] = (predictions.correct & clean.correct).float().mean().item()
+        records = _RECORDS.get(ctx, {}).get(settings_key(params), [])
+        run = latest_run(records, dataset.labels)
+        if run is None:  # e.g. sharded across processes: only the overall number is known
+            continue
+        broken_by, skipped = run
+        for position, component in enumerate(params["components"]):
+            if component in skipped:
+                metrics[f"{label}/skipped/{component}"] = 1.0
+                continue
+            still = (broken_by == ROBUST) | (broken_by > position)
+            metrics[f"{label}/after/{component}"] = still.float().mean().item()
+            metrics[f"{label}/broken_by/{component}"] = float((broken_by == position).sum())
+    return metrics
+
+
+def latest_run(records, labels: torch.Tensor):
+    """The records of the most recent run over exactly ``labels`` (batches in order), or None."""
+    total, tail = 0, []
+    for record in reversed(records):
+        tail.insert(0, record)
+        total += len(record[0])
+        if total >= len(labels):
+            break
+    if total != len(labels) or not torch.equal(torch.cat([r[0] for r in tail]), labels.cpu()):
+        return None
+    skipped = set().union(*(r[2] for r in tail))
+    return torch.cat([r[1] for r in tail]), skipped
