@@ -180,3 +180,23 @@ def test_a_fewshot_run_refuses_overlapping_classes(tmp_path):
     config = tiny_config(host, "nearest-mean", ["data.name=digits"])
     with pytest.raises(ConfigError, match="disjoint train and test classes"):
         Run.start(host, config, tmp_path / "run")
+
+
+def test_inner_loop_second_order_differs_from_first_order_and_leaves_the_model_alone():
+    from advframe import meta
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    support = (torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2]))
+    query = (torch.randn(6, 4), torch.tensor([2, 1, 0, 2, 1, 0]))
+    gradients = {}
+    for first_order in (True, False):
+        params = meta.inner_loop(model, support, steps=2, lr=0.5, first_order=first_order)
+        loss = torch.nn.functional.cross_entropy(meta.functional_forward(model, params, query[0]), query[1])
+        gradients[first_order] = torch.autograd.grad(loss, list(model.parameters()))
+    # a curved loss (tanh, two steps): the Hessian term makes the meta-gradients differ
+    assert any(not torch.allclose(a, b, atol=1e-6) for a, b in zip(gradients[True], gradients[False]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    adapted = meta.AdaptedModel(model, params)
+    assert adapted(query[0]).shape == (6, 3)
