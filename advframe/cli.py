@@ -178,7 +178,7 @@ def evaluate(run_dir, attacks, overrides):
             entry.pop("eps", None), entry.pop("norm", None)
     config = config_module.resolve(host, user, overrides)
     with _progress() as progress:
-        runner = Run.load(host, run_dir, config, progress=progress)
+        runner = Run.load(host, run_dir / "model.safetensors", config, progress=progress)
         evaluation = runner.evaluate()
     results = {"metrics": evaluation["metrics"], "attacks": config["eval"]["attacks"],
                "eval_process_seconds": evaluation["eval_process_seconds"],
@@ -189,6 +189,67 @@ def evaluate(run_dir, attacks, overrides):
     checkpoint.atomic_write_text(path, json.dumps(results, indent=2) + "\n")
     _print_results(results, run_dir)
     click.echo(f"Saved {path}")
+
+
+@cli.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--attack", "attacks", multiple=True, required=True, help="Attack plugin (repeatable).")
+@click.option("--model", "model_spec", help="package.module:callable that builds the model (instead of RUN_DIR).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="safetensors weights for --model.")
+@click.option("--surrogate", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory of a surrogate model, for attacks that take one (e.g. mcg).")
+@click.option("--examples", type=int, help="Attack the first N test examples.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting (data.*, attack.eps, plugins.*).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Results file (JSON).")
+def attack(run_dir, attacks, model_spec, weights, surrogate, examples, overrides, out_file):
+    """Attack a trained model (a run directory, or --model with --weights) with attack plugins."""
+    from datetime import datetime
+
+    from advframe import checkpoint
+    from advframe import config as config_module
+    from advframe.errors import ConfigError
+    from advframe.runner import Run
+
+    if bool(run_dir) == bool(model_spec):
+        raise ConfigError("give either RUN_DIR or --model package.module:callable with --weights")
+    host = _host()
+    if run_dir:
+        user = config_module.load_file(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+        if user is None:
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+        weights = run_dir / "model.safetensors"
+    else:
+        if not weights:
+            raise ConfigError("--model needs --weights FILE.safetensors")
+        user = {"model": {"name": model_spec}}
+    entries = []
+    for name in attacks:
+        entry = {"name": name}
+        if surrogate:
+            host.require(name, "attack")
+            if "surrogate" in host.default_config(name):
+                entry["surrogate"] = str(surrogate)
+        entries.append(entry)
+    if surrogate and not any("surrogate" in e for e in entries):
+        raise ConfigError(f"--surrogate: none of {', '.join(attacks)} takes a surrogate model")
+    user.setdefault("eval", {})["attacks"] = entries
+    if examples:
+        user["eval"]["max_examples"] = examples
+    config = config_module.resolve(host, user, overrides)
+    with _progress() as progress:
+        runner = Run.load(host, weights, config, progress=progress)
+        evaluation = runner.evaluate()
+    results = {"metrics": evaluation["metrics"], "attacks": config["eval"]["attacks"],
+               "examples": evaluation["eval_examples"], "eval_process_seconds": evaluation["eval_process_seconds"],
+               "eval_wall_seconds": evaluation["eval_wall_seconds"]}
+    if out_file is None:
+        folder = (run_dir or weights.parent) / "attacks"
+        folder.mkdir(exist_ok=True)
+        out_file = folder / f"{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}.json"
+    checkpoint.atomic_write_text(out_file, json.dumps(results, indent=2) + "\n")
+    _print_results(results, run_dir or weights)
+    click.echo(f"process time {results['eval_process_seconds']:.1f} s, wall time {results['eval_wall_seconds']:.1f} s")
+    click.echo(f"Saved {out_file}")
 
 
 @cli.command()

@@ -171,10 +171,11 @@ class Run:
         return run
 
     @classmethod
-    def load(cls, host, run_dir: Path, config: dict, *, progress=None) -> Run:
-        """A finished run's model, for evaluation (``advframe eval``)."""
+    def load(cls, host, weights: Path, config: dict, *, progress=None) -> Run:
+        """A trained model (``model.safetensors`` of a run, or any safetensors weights that fit the
+        model ``config`` builds), for evaluation and attacks."""
         run = cls(host, config, None, progress=progress)
-        tensors, _ = checkpoint.load_tensors(Path(run_dir) / "model.safetensors")
+        tensors, _ = checkpoint.load_tensors(Path(weights))
         run._load_weights(tensors, prefix="")
         return run
 
@@ -509,3 +510,15 @@ def _check_metrics(name: str, result) -> dict[str, Any]:
         else:
             raise PluginCallError(f"plugin {name!r}: metric {key!r} must be a float or a list of floats, got {value!r}")
     return checked
+
+
+def load_trained_model(host, run_dir: Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The model a run directory holds, in eval mode (e.g. a surrogate for a transfer attack)."""
+    from advframe.config import load_file, resolve
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    config = resolve(host, load_file(run_dir / "config.yaml"), [f"device={torch.device(device).type}"])
+    run = Run.load(host, run_dir / "model.safetensors", config)
+    return run.model.eval()

@@ -96,3 +96,23 @@ def test_plugins_json_lists_names_versions_and_hooks(runner):
 def test_version_lists_the_core(runner):
     result, output = invoke(runner, "--version")
     assert output.startswith("advframe 0.1.0")
+
+
+def test_attack_a_run_directory_or_a_callable_with_weights(runner, tmp_path, tiny_args):
+    invoke(runner, "run", "--plugin", "erm", *tiny_args, "--out", str(tmp_path / "run"))
+    result, output = invoke(runner, "attack", str(tmp_path / "run"), "--attack", "test-pgd", "--examples", "20",
+                            "--out", str(tmp_path / "a.json"))
+    assert result.exit_code == 0, output
+    saved = json.loads((tmp_path / "a.json").read_text())
+    metrics = saved["metrics"]
+    assert saved["examples"] == 20 and 0 <= metrics["attack_success_rate/test-pgd-3"] <= 1
+    # the same weights through --model: a plain safetensors file and the callable that builds the model
+    result, output = invoke(runner, "attack", "--model", "advframe.models:SmallCNN", "--weights",
+                            str(tmp_path / "run" / "model.safetensors"), "--attack", "none",
+                            "--set", "data.name=digits", "--set", "model.args={width: 8, hidden: 16}",
+                            "--set", "attack.name=none",
+                            "--out", str(tmp_path / "b.json"))
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "b.json").read_text())["metrics"]["attack_success_rate/none"] == 0
+    result = runner.invoke(cli.cli, ["attack", "--attack", "none"])
+    assert_one_clean_line(result, "give either RUN_DIR or --model")

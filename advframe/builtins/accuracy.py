@@ -61,6 +61,9 @@ def evaluate(model, dataset, ctx):
         robust_all &= correct
         label = attack_label(attack)
         metrics[f"robust_accuracy/{label}"] = correct.float().mean().item()
+        broken = clean.correct & ~correct  # over the examples the model gets right before the attack
+        metrics[f"attack_success_rate/{label}"] = (broken.sum() / clean.correct.sum()).item() \
+            if clean.correct.any() else float("nan")
         queries = ctx.query_statistics(model, dataset, attack)
         for key, value in (queries or {}).items():
             metrics[f"{key}/{label}"] = value
