@@ -35,7 +35,11 @@ takes the official value for the norm)::
                         # ImageNet, tiles of ~4.5-6 px; 7 gives 4 x 4 px tiles on 28 x 28)
     fd_eta: null        # finite-difference step (L2 size); null = 0.1 L-inf / 0.01 L2 (official)
     lr: null            # image step; null = eps / 5 L-inf (official 0.01 at eps 0.05) / eps / 10 L2 (0.5 at eps 5)
-    online_lr: null     # prior step; null = 100 L-inf / 0.1 L2 (official)
+    online_lr: null     # prior step; null = L2: 0.1 (official); L-inf: 100 * sqrt(dim / 7500), the
+                        # official 100 for its 3 x 50 x 50 prior, scaled so that each coordinate of
+                        # a smaller prior moves as much per step (7 x 7 x 1 on MNIST: 8.1); with the
+                        # literal 100 the EG step saturates a 49-coordinate prior at +-1 in a few
+                        # iterations and the walk freezes (see README)
     exploration: null   # delta; null = 1.0 L-inf / 0.01 L2 (official)
     targeted: false     # true: the labels passed are target classes
 """
@@ -53,8 +57,10 @@ from advframe.cost import QueryCounter
 
 DEFAULTS = {"budget": 1000, "tiling": True, "prior_size": 7, "fd_eta": None, "lr": None, "online_lr": None,
             "exploration": None, "targeted": False}
-OFFICIAL = {"linf": {"fd_eta": 0.1, "lr": 0.2, "online_lr": 100.0, "exploration": 1.0},   # lr as a fraction of eps
+# the official values; lr as a fraction of eps, the L-inf online_lr for the official prior size
+OFFICIAL = {"linf": {"fd_eta": 0.1, "lr": 0.2, "online_lr": 100.0, "exploration": 1.0},
             "l2": {"fd_eta": 0.01, "lr": 0.1, "online_lr": 0.1, "exploration": 0.01}}
+OFFICIAL_PRIOR_DIM = 3 * 50 * 50
 
 
 class QueryResult(NamedTuple):
@@ -85,9 +91,13 @@ def exponentiated_gradient(prior: torch.Tensor, gradient: torch.Tensor, lr: floa
     return torch.sigmoid(torch.logit(real) + 2 * lr * gradient) * 2 - 1
 
 
-def resolve(norm: str, fd_eta=None, lr=None, online_lr=None, exploration=None, eps: float = 0.0) -> dict:
-    """Fill the unset step sizes with the official values for ``norm`` (lr relative to eps)."""
-    official = OFFICIAL[norm]
+def resolve(norm: str, fd_eta=None, lr=None, online_lr=None, exploration=None, eps: float = 0.0,
+            dim: int = OFFICIAL_PRIOR_DIM) -> dict:
+    """Fill the unset step sizes with the official values for ``norm``: lr relative to eps, the L-inf
+    online_lr scaled to a prior of ``dim`` coordinates (same per-coordinate EG step)."""
+    official = dict(OFFICIAL[norm])
+    if norm == "linf":
+        official["online_lr"] *= (dim / OFFICIAL_PRIOR_DIM) ** 0.5
     return {"fd_eta": official["fd_eta"] if fd_eta is None else fd_eta,
             "lr": official["lr"] * eps if lr is None else lr,
             "online_lr": official["online_lr"] if online_lr is None else online_lr,
@@ -121,8 +131,10 @@ def bandits_attack(model, inputs, labels, *, eps: float, norm: str = "linf", bud
     if inputs.dim() != 4:
         raise PluginError(f"bandits needs image batches (N, C, H, W), got shape {tuple(inputs.shape)}")
     generator = generator or torch.Generator().manual_seed(0)
-    steps = resolve(norm, fd_eta, lr, online_lr, exploration, eps)
     n, c, h, w = inputs.shape
+    side = (prior_size, prior_size) if tiling else (h, w)
+    dim = c * side[0] * side[1]
+    steps = resolve(norm, fd_eta, lr, online_lr, exploration, eps, dim)
     counter = counter or QueryCounter(model, n, budget=budget, attack="bandits")
     inputs, labels = inputs.detach(), labels.detach()
     every = torch.arange(n, device=inputs.device)
@@ -136,9 +148,7 @@ def bandits_attack(model, inputs, labels, *, eps: float, norm: str = "linf", bud
     todo = every[counted & (counter.remaining(every).to(inputs.device) > 0)]
     if len(todo) and (init is not None or not clean_query):  # the walk's starting point
         success[todo] = misclassified(counter(inputs[todo] + delta[todo], todo), labels[todo], targeted)
-    side = (prior_size, prior_size) if tiling else (h, w)
     prior = torch.zeros(n, c, *side, device=inputs.device)
-    dim = c * side[0] * side[1]
 
     def upsample(t):
         return F.interpolate(t, size=(h, w), mode="nearest")

@@ -134,7 +134,7 @@ def test_targeted_successes_reach_the_target(trained):
     net, ctx, inputs, labels = trained
     targets = (labels + 1) % 10
     records = []
-    adversarial = attack(trained, records=records, targeted=True, labels=targets, budget=150)
+    adversarial = attack(trained, records=records, targeted=True, labels=targets, budget=400)
     queries, success, counted = records[0]
     with torch.no_grad():
         predicted = net(adversarial).argmax(1)
@@ -156,7 +156,8 @@ def test_exponentiated_gradient_matches_the_official_step_and_stays_bounded():
 
 
 def test_defaults_follow_the_official_values_per_norm():
-    assert advframe_bandits.resolve("linf", eps=0.05) == {"fd_eta": 0.1, "lr": pytest.approx(0.01), "online_lr": 100.0,
+    assert advframe_bandits.resolve("linf", eps=0.05, dim=3 * 50 * 50) == {"fd_eta": 0.1, "lr": pytest.approx(0.01), "online_lr": 100.0,
                                                            "exploration": 1.0}
-    assert advframe_bandits.resolve("l2", eps=5.0) == {"fd_eta": 0.01, "lr": pytest.approx(0.5), "online_lr": 0.1,
+    assert advframe_bandits.resolve("linf", eps=0.2, dim=49)["online_lr"] == pytest.approx(100 * (49 / 7500) ** 0.5)
+    assert advframe_bandits.resolve("l2", eps=5.0, dim=49) == {"fd_eta": 0.01, "lr": pytest.approx(0.5), "online_lr": 0.1,
                                                         "exploration": 0.01}
