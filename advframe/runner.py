@@ -172,10 +172,11 @@ class Run:
 
     @classmethod
     def load(cls, host, weights: Path, config: dict, *, progress=None) -> Run:
-        """A trained model (``model.safetensors`` of a run, or any safetensors weights that fit the
-        model ``config`` builds), for evaluation and attacks."""
+        """A trained model, for evaluation and attacks: ``weights`` is a run directory (its
+        ``model.safetensors``) or any safetensors file that fits the model ``config`` builds."""
         run = cls(host, config, None, progress=progress)
-        tensors, _ = checkpoint.load_tensors(Path(weights))
+        weights = Path(weights)
+        tensors, _ = checkpoint.load_tensors(weights / "model.safetensors" if weights.is_dir() else weights)
         run._load_weights(tensors, prefix="")
         return run
 
