@@ -27,7 +27,7 @@ its own optimizer, saved in ``model.safetensors`` under ``peerK/`` and in ``stat
 restored on ``--resume``). ``evaluate`` reports every model and the ensemble (mean of the softmax
 outputs, attacked end to end) under the evaluation attacks: ``model{i}/clean_accuracy``,
 ``model{i}/robust_accuracy`` (first eval attack), ``ensemble/...``, ``mean_model/...``; with several
-eval attacks also ``.../robust_accuracy/<attack>-<norm>`` and ``.../robust_accuracy/worst_case``
+eval attacks also ``.../robust_accuracy/<attack>-<norm>-<eps>`` and ``.../robust_accuracy/worst_case``
 (robust to all of them, the union threat model); and with ``agreement: true`` ``peer_agreement``
 (how often f_j predicts what f_i predicts on f_i's adversarial examples) and ``transfer_robust_accuracy``
 (accuracy of f_j on f_i's adversarial examples), averaged over ordered pairs.
@@ -209,6 +209,11 @@ class Ensemble(nn.Module):
         return probabilities.clamp_min(1e-12).log()
 
 
+def threat_label(attack: dict) -> str:
+    """``pgd-20-l2-2`` : the attack, its norm and radius (the core's label omits the last two)."""
+    return f"{attack_label(attack)}-{attack['norm']}-{attack['eps']:g}"
+
+
 def robust_metrics(prefix: str, net, dataset, ctx) -> dict[str, float]:
     attacks = ctx.config["eval"]["attacks"]
     clean = ctx.predictions(net, dataset)
@@ -220,7 +225,7 @@ def robust_metrics(prefix: str, net, dataset, ctx) -> dict[str, float]:
         if index == 0:
             metrics[f"{prefix}/robust_accuracy"] = correct.float().mean().item()
         if len(attacks) > 1:
-            metrics[f"{prefix}/robust_accuracy/{attack_label(attack)}-{attack['norm']}"] = correct.float().mean().item()
+            metrics[f"{prefix}/robust_accuracy/{threat_label(attack)}"] = correct.float().mean().item()
     if len(attacks) > 1:
         metrics[f"{prefix}/robust_accuracy/worst_case"] = survived.float().mean().item()
     return metrics

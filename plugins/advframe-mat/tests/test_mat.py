@@ -193,8 +193,8 @@ def test_evaluate_reports_each_model_the_ensemble_and_the_union(tmp_path):
     metrics = results["metrics"]
     assert metrics["model0/robust_accuracy"] == metrics["robust_accuracy"]  # model 0 is the run's model
     for prefix in ("model0", "model1", "ensemble", "mean_model"):
-        assert 0 <= metrics[f"{prefix}/robust_accuracy/worst_case"] <= metrics[f"{prefix}/robust_accuracy/test-pgd-3-l2"]
-        assert metrics[f"{prefix}/robust_accuracy/worst_case"] <= metrics[f"{prefix}/robust_accuracy/test-pgd-3-linf"]
+        assert 0 <= metrics[f"{prefix}/robust_accuracy/worst_case"] <= metrics[f"{prefix}/robust_accuracy/test-pgd-3-l2-1"]
+        assert metrics[f"{prefix}/robust_accuracy/worst_case"] <= metrics[f"{prefix}/robust_accuracy/test-pgd-3-linf-0.1"]
         assert metrics[f"{prefix}/robust_accuracy"] <= metrics[f"{prefix}/clean_accuracy"]
     assert metrics["mean_model/clean_accuracy"] == pytest.approx(
         (metrics["model0/clean_accuracy"] + metrics["model1/clean_accuracy"]) / 2)
