@@ -26,6 +26,11 @@ the honest 3. Probes are clipped to [0, 1] so every query is a valid image (the 
 not clip them). The exponentiated-gradient step is computed in its equivalent logistic form
 (sigmoid(logit((v + 1) / 2) + 2 lr g)), which cannot overflow.
 
+Another method seeds the attack with ``params["init"]`` (a perturbation shaped like the inputs,
+projected into the ball); with ``params["counter"]`` (its :class:`~advframe.cost.QueryCounter`) and
+``params["counted"]`` (which examples to attack) it continues its own query count and skips the
+clean query. The same arguments exist on :func:`bandits_attack`.
+
 Settings (``plugins.bandits`` or per use in ``attack`` / ``eval.attacks``), with defaults (null
 takes the official value for the norm)::
 
@@ -182,6 +187,7 @@ def generate_perturbation(model, inputs, labels, params, ctx):
     result = bandits_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=params["budget"],
                             tiling=params["tiling"], prior_size=params["prior_size"], fd_eta=params["fd_eta"],
                             lr=params["lr"], online_lr=params["online_lr"], exploration=params["exploration"],
-                            targeted=params["targeted"], init=params.get("init"), generator=ctx.generator)
+                            targeted=params["targeted"], init=params.get("init"), generator=ctx.generator,
+                            counter=params.get("counter"), counted=params.get("counted"))
     ctx.record_queries(result.queries, result.success, counted=result.counted)
     return result.adversarial

@@ -19,6 +19,11 @@ and one at the new iterate (the success check; the official code counts it too).
 when it succeeds or fewer than ``samples + 1`` queries are left. Sampled points are clipped to
 [0, 1], so every query is a valid image (the official code queries slightly outside).
 
+Another method seeds the attack with ``params["init"]`` (a perturbation shaped like the inputs,
+projected into the ball); with ``params["counter"]`` (its :class:`~advframe.cost.QueryCounter`) and
+``params["counted"]`` (which examples to attack) it continues its own query count and skips the
+clean query. The same arguments exist on :func:`nes_attack`.
+
 Settings (``plugins.nes`` or per use in ``attack`` / ``eval.attacks``), with defaults::
 
     budget: 1000           # queries per example, the clean query included
@@ -152,6 +157,7 @@ def generate_perturbation(model, inputs, labels, params, ctx):
                         samples=params["samples"], sigma=params["sigma"], lr=params["lr"],
                         min_lr_ratio=params["min_lr_ratio"], momentum=params["momentum"],
                         plateau_length=params["plateau_length"], plateau_drop=params["plateau_drop"],
-                        targeted=params["targeted"], init=params.get("init"), generator=ctx.generator)
+                        targeted=params["targeted"], init=params.get("init"), generator=ctx.generator,
+                        counter=params.get("counter"), counted=params.get("counted"))
     ctx.record_queries(result.queries, result.success, counted=result.counted)
     return result.adversarial

@@ -24,6 +24,11 @@ under ``norm`` (the official ``linf_bound`` clamp for L-inf, a rescale for L2) a
 When all directions have been tried (28 x 28 x 1 has only 784), a new random order of the same kind
 starts (the official code stops there).
 
+Another method seeds the attack with ``params["init"]`` (a perturbation shaped like the inputs,
+projected into the ball); with ``params["counter"]`` (its :class:`~advframe.cost.QueryCounter`) and
+``params["counted"]`` (which examples to attack) it continues its own query count and skips the
+clean query. The same arguments exist on :func:`simba_attack`.
+
 Settings (``plugins.simba`` or per use in ``attack`` / ``eval.attacks``), with defaults::
 
     budget: 1000       # queries per example, the clean query included
@@ -194,6 +199,7 @@ def generate_perturbation(model, inputs, labels, params, ctx):
     result = simba_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=params["budget"],
                           basis=params["basis"], step=params["step"], freq_dims=params["freq_dims"],
                           stride=params["stride"], order=params["order"], targeted=params["targeted"],
-                          init=params.get("init"), generator=ctx.generator)
+                          init=params.get("init"), generator=ctx.generator,
+                          counter=params.get("counter"), counted=params.get("counted"))
     ctx.record_queries(result.queries, result.success, counted=result.counted)
     return result.adversarial

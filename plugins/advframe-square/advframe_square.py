@@ -30,8 +30,9 @@ Settings (``plugins.square`` or per use in ``attack`` / ``eval.attacks``), with 
     targeted: false   # true: the labels passed are target classes
 
 Threat model: ``norm`` linf or l2 and ``eps`` (from the ``attack`` section). Another method seeds
-the attack with ``params["init"]`` (a perturbation shaped like the inputs), or calls
-:func:`square_attack` with ``counter=`` / ``counted=`` to continue its own query count.
+the attack with ``params["init"]`` (a perturbation shaped like the inputs); with
+``params["counter"]`` (its :class:`~advframe.cost.QueryCounter`) and ``params["counted"]`` (which
+examples to attack) it continues its own query count and skips the clean query.
 """
 
 from __future__ import annotations
@@ -246,6 +247,6 @@ def generate_perturbation(model, inputs, labels, params, ctx):
     budget = check_settings("square", params, ("linf", "l2"))
     result = square_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=budget,
                            p_init=params["p_init"], targeted=params["targeted"], init=params.get("init"),
-                           generator=ctx.generator)
+                           generator=ctx.generator, counter=params.get("counter"), counted=params.get("counted"))
     ctx.record_queries(result.queries, result.success, counted=result.counted)
     return result.adversarial

@@ -113,12 +113,15 @@ def test_caller_can_continue_its_own_count(trained):
     from advframe.cost import QueryCounter
 
     net, ctx, inputs, labels = trained
-    counter = QueryCounter(net, len(inputs), budget=20)
+    recorder, records = Recorder(net), []
+    counter = QueryCounter(recorder, len(inputs), budget=30)
     counter(inputs)  # the caller's own query
-    result = advframe_simba.simba_attack(net, inputs, labels, eps=0.3, budget=20, counter=counter,
-                                           counted=torch.ones(len(inputs), dtype=torch.bool),
-                                           init=torch.zeros_like(inputs), generator=torch.Generator().manual_seed(0))
-    assert result.queries.max() <= 20 and torch.equal(result.queries, counter.counts)
+    attack(trained, model=recorder, records=records, budget=30, counter=counter, init=torch.zeros_like(inputs),
+           counted=torch.ones(len(inputs), dtype=torch.bool))
+    queries, success, counted = records[0]
+    assert torch.equal(queries, counter.counts) and queries.max() <= 30
+    assert int(queries.sum()) == recorder.rows
+    assert torch.equal(recorder.calls[1], inputs)  # the attack's first query is at x + init (init = 0)
 
 
 def test_seeded(trained):
