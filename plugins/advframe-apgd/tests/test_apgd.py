@@ -1,0 +1,275 @@
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import advframe_apgd
+import advframe_apgd.autoattack as autoattack
+import advframe_apgd.masking as masking
+from advframe import PluginError, hookimpl
+from advframe.runner import Run
+from advframe.testing import assert_conforms, make_host, tiny_config
+
+FAST = ["plugins.autoattack.steps=10", "plugins.autoattack.target_classes=3"]
+
+
+def test_apgd_contract(tmp_path):
+    assert_conforms(advframe_apgd, "apgd", tmp_path, overrides=["plugins.apgd.steps=10"])
+
+
+def test_autoattack_contract(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # square is not installed here
+        assert_conforms(autoattack, "autoattack", tmp_path, overrides=FAST)
+
+
+def test_gradient_masking_contract(tmp_path):
+    assert_conforms(masking, "gradient-masking", tmp_path, overrides=["plugins.gradient-masking.steps=3",
+                                                                       "plugins.gradient-masking.black_box=''"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A natural model trained on digits for a few epochs through the real runner."""
+    host = make_host((advframe_apgd, "apgd"), (autoattack, "autoattack"), (masking, "gradient-masking"))
+    config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "train.epochs=6",
+                                       "train.lr=0.003", "attack.name=apgd", "eval.attacks=[{name: apgd}]"])
+    run = Run.start(host, config, tmp_path_factory.mktemp("erm") / "run")
+    run.train()
+    run.model.eval()
+    return run
+
+
+def batch(run, size=200):
+    return run.splits.test.batch(torch.arange(size))
+
+
+def accuracy(model, inputs, labels):
+    with torch.no_grad():
+        return (model(inputs).argmax(1) == labels).float().mean().item()
+
+
+def attack(run, name, inputs, labels, **overrides):
+    return run.ctx.attack(run.model, inputs, labels, run.ctx.attack_settings(name, **overrides))
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr", "dlr-targeted"])
+@pytest.mark.parametrize("norm, eps", [("linf", 0.15), ("l2", 1.2)])
+def test_apgd_stays_in_ball_and_box_and_lowers_accuracy(trained, loss, norm, eps):
+    inputs, labels = batch(trained)
+    adversarial = attack(trained, "apgd", inputs, labels, loss=loss, norm=norm, eps=eps, steps=20, target_classes=3)
+    delta = (adversarial - inputs).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert size.max() <= eps * (1 + 1e-5)
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    clean = accuracy(trained.model, inputs, labels)
+    assert clean > 0.8
+    assert accuracy(trained.model, adversarial, labels) < clean - 0.3
+
+
+def test_targeted_apgd_reaches_the_targets(trained):
+    inputs, labels = batch(trained, 100)
+    targets = (labels + 3) % 10
+    for loss in ("ce", "dlr"):
+        adversarial = attack(trained, "apgd", inputs, targets, loss=loss, eps=0.3, steps=30, targeted=True)
+        with torch.no_grad():
+            assert (trained.model(adversarial).argmax(1) == targets).float().mean() > 0.6
+
+
+def test_apgd_is_seeded(trained):
+    inputs, labels = batch(trained, 64)
+    results = []
+    for _ in range(2):
+        trained.ctx.generator.manual_seed(7)
+        results.append(attack(trained, "apgd", inputs, labels, eps=0.1, steps=10, restarts=2, loss="dlr"))
+    assert torch.equal(*results)
+
+
+def test_stopping_on_success_leaves_robust_accuracy_unchanged(trained):
+    # on correctly classified inputs both modes draw the same random starts, so every example walks the
+    # same trajectory: freezing broken ones changes the time, never which examples break
+    inputs, labels = batch(trained)
+    with torch.no_grad():
+        right = trained.model(inputs).argmax(1) == labels
+    inputs, labels = inputs[right], labels[right]
+    robust = []
+    for stop in (True, False):
+        trained.ctx.generator.manual_seed(3)
+        adversarial = attack(trained, "apgd", inputs, labels, eps=0.1, steps=25, stop_on_success=stop)
+        robust.append(trained.model(adversarial).argmax(1) == labels)
+    assert 0 < robust[0].float().mean() < 1
+    assert torch.equal(robust[0], robust[1])
+
+
+def test_step_size_halves_at_checkpoints_so_the_walk_settles_on_an_interior_maximum():
+    # the loss peaks inside the ball, 0.03 from the input: a fixed step of 2 eps would jump between the
+    # faces of the ball forever; APGD's checkpoints halve the step until the walk settles on the peak
+    inputs = torch.full((3, 1, 2, 2), 0.5)
+    peak = inputs + torch.tensor([0.03, -0.02, 0.01, 0.0]).view(1, 1, 2, 2)
+    seen = []
+
+    class Bowl(nn.Module):
+        def forward(self, x):
+            seen.append(len(x))
+            return torch.stack([-(x - peak[: len(x)]).flatten(1).pow(2).sum(1), torch.zeros(len(x))], 1)
+
+    never = lambda logits, rows: torch.zeros(len(rows), dtype=torch.bool)  # noqa: E731
+    outcome = advframe_apgd.single_run(Bowl(), inputs, torch.arange(3), lambda logits, rows: logits[:, 0], never,
+                                       eps=0.1, norm="linf", steps=100, rho=0.75, momentum=0.75,
+                                       stop_on_success=False, start=torch.zeros_like(inputs))
+    assert (outcome.adversarial - peak).abs().max() < 0.005
+    assert outcome.best_loss.min() > -1e-4
+    assert len(seen) == 101  # one gradient at the start and one per step
+
+
+def test_bad_settings_are_user_errors(trained):
+    inputs, labels = batch(trained, 4)
+    with pytest.raises(PluginError, match="norm must be linf or l2"):
+        attack(trained, "apgd", inputs, labels, norm="l1", eps=5.0)
+    with pytest.raises(PluginError, match="loss must be one of"):
+        attack(trained, "apgd", inputs, labels, loss="hinge")
+    with pytest.raises(PluginError, match="target_classes"):
+        attack(trained, "apgd", inputs, labels, loss="dlr-targeted", target_classes=10)
+    with pytest.raises(PluginError, match="targeted mode is not supported"):
+        attack(trained, "autoattack", inputs, labels, targeted=True)
+
+
+# -- autoattack ---------------------------------------------------------------------------------------
+
+def robust_accuracy(run, name, inputs, labels, **overrides):
+    run.ctx.generator.manual_seed(11)
+    adversarial = attack(run, name, inputs, labels, **overrides)
+    with torch.no_grad():
+        clean = run.model(inputs).argmax(1) == labels
+        return (clean & (run.model(adversarial).argmax(1) == labels)).float().mean().item(), adversarial
+
+
+def test_autoattack_worst_case_is_never_above_any_component(trained):
+    inputs, labels = batch(trained)
+    settings = dict(eps=0.08, steps=15, target_classes=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ensemble, adversarial = robust_accuracy(trained, "autoattack", inputs, labels,
+                                                components=["apgd-ce", "apgd-t", "margin-t"], **settings)
+        singles = {c: robust_accuracy(trained, "autoattack", inputs, labels, components=[c], **settings)[0]
+                   for c in ("apgd-ce", "apgd-t", "margin-t")}
+    assert (adversarial - inputs).abs().max() <= 0.08 + 1e-6
+    assert ensemble <= min(singles.values())
+    assert ensemble < accuracy(trained.model, inputs, labels) - 0.2
+
+
+class FakeSquare:
+    """A stand-in ``square`` plugin that records which examples AutoAttack hands it and breaks none."""
+
+    __name__ = "tests.FakeSquare"
+    batches: list[int] = []
+
+    @staticmethod
+    @hookimpl
+    def default_config():
+        return {"queries": 100, "p_init": 0.3}
+
+    @staticmethod
+    @hookimpl
+    def generate_perturbation(inputs, params):
+        FakeSquare.batches.append((len(inputs), params["queries"]))
+        return inputs.clone()
+
+
+def test_autoattack_reports_components_and_runs_each_on_the_still_robust_points(tmp_path):
+    host = make_host((autoattack, "autoattack"), (FakeSquare(), "square"))
+    config = tiny_config(host, "erm", ["data.train_size=600", "data.test_size=100", "train.epochs=4",
+                                       "train.lr=0.003", "eval.evaluators=[autoattack]",
+                                       "eval.attacks=[{name: autoattack, eps: 0.06, steps: 10, target_classes: 2,"
+                                       " square: {queries: 50}}]"])
+    FakeSquare.batches.clear()
+    results = Run.start(host, config, tmp_path / "run").execute()
+    metrics = results["metrics"]
+    after = [metrics[f"autoattack-10/after/{c}"] for c in ("apgd-ce", "apgd-t", "margin-t", "square")]
+    assert after == sorted(after, reverse=True)  # cumulative: never rises
+    assert after[-1] == pytest.approx(metrics["robust_accuracy"])
+    assert metrics["autoattack-10/robust_accuracy"] == pytest.approx(metrics["robust_accuracy"])
+    assert metrics["clean_accuracy"] > after[0]
+    # Square saw only the examples the three white-box components left robust, with the override
+    robust_left = round(after[2] * 100)
+    assert sum(size for size, _ in FakeSquare.batches) == robust_left
+    assert all(queries == 50 for _, queries in FakeSquare.batches)
+
+
+def test_autoattack_skips_missing_square_with_a_warning_in_the_metrics(tmp_path):
+    host = make_host((autoattack, "autoattack"))
+    config = tiny_config(host, "erm", ["eval.evaluators=[autoattack]",
+                                       "eval.attacks=[{name: autoattack, steps: 5, components: [apgd-ce, square]}]"])
+    with pytest.warns(UserWarning, match="square plugin is not installed"):
+        metrics = Run.start(host, config, tmp_path / "run").execute()["metrics"]
+    assert metrics["autoattack-5/skipped/square"] == 1.0
+    assert "autoattack-5/after/square" not in metrics
+
+
+# -- gradient masking ---------------------------------------------------------------------------------
+
+class Quantised(nn.Module):
+    """Rounds its input before the classifier: gradients are zero everywhere (shattered gradients)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 4) / 4)
+
+
+class Softmaxed(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).softmax(1)
+
+
+def masking_metrics(run, model):
+    dataset = run.splits.test
+    run.ctx.generator.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return run.ctx.call("evaluate", "gradient-masking", model=model, dataset=dataset)
+
+
+@pytest.fixture(scope="module")
+def masking_run(trained, tmp_path_factory):
+    host = trained.host
+    config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "eval.evaluators=[gradient-masking]",
+                                       "attack.eps=0.15", "plugins.gradient-masking.max_examples=150"])
+    run = Run.start(host, config, tmp_path_factory.mktemp("masking") / "run")
+    return run
+
+
+def test_gradient_masking_flags_nothing_on_a_plain_model(trained, masking_run):
+    metrics = masking_metrics(masking_run, trained.model)
+    prefix = masking.PREFIX
+    assert metrics[prefix + "flag_zero_gradients"] == 0.0
+    assert metrics[prefix + "flag_nonfinite_gradients"] == 0.0
+    assert metrics[prefix + "flag_large_eps_not_broken"] == 0.0
+    assert metrics[prefix + "flag_single_step_stronger"] == 0.0
+    assert metrics[prefix + "flag_randomized_model"] == 0.0
+    assert metrics[prefix + "flag_probability_outputs"] == 0.0
+    assert metrics[prefix + "black_box_available"] == 0.0
+    assert metrics[prefix + "flag_black_box_stronger"] != metrics[prefix + "flag_black_box_stronger"]  # NaN
+    assert metrics[prefix + "large_eps_robust_accuracy"] < 0.05
+    assert metrics[prefix + "pgd_robust_accuracy"] < metrics[prefix + "clean_accuracy"]
+
+
+def test_gradient_masking_flags_a_model_with_shattered_gradients(trained, masking_run):
+    metrics = masking_metrics(masking_run, Quantised(trained.model))
+    prefix = masking.PREFIX
+    assert metrics[prefix + "zero_gradient_fraction"] == 1.0
+    assert metrics[prefix + "flag_zero_gradients"] == 1.0
+    assert metrics[prefix + "flag_large_eps_not_broken"] == 1.0  # PGD cannot move without a gradient
+    assert metrics[prefix + "any_flag"] == 1.0
+
+
+def test_gradient_masking_flags_probability_outputs(trained, masking_run):
+    metrics = masking_metrics(masking_run, Softmaxed(trained.model))
+    assert metrics[masking.PREFIX + "flag_probability_outputs"] == 1.0

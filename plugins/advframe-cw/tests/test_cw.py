@@ -1,0 +1,121 @@
+import pytest
+import torch
+
+import advframe_cw
+from advframe import PluginError
+from advframe.losses import margin
+from advframe.runner import Run
+from advframe.testing import assert_conforms, make_host, tiny_config
+
+
+def test_contract_cw_inf(tmp_path):
+    assert_conforms(advframe_cw, "cw", tmp_path, overrides=["plugins.cw.steps=5"])
+
+
+def test_contract_cw_l2(tmp_path):
+    assert_conforms(advframe_cw, "cw", tmp_path, overrides=["attack.norm=l2", "attack.eps=1.0", "plugins.cw.steps=10",
+                                                            "plugins.cw.binary_search_steps=3"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A natural model trained on digits for a few epochs through the real runner."""
+    host = make_host((advframe_cw, "cw"))
+    config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "train.epochs=6",
+                                       "train.lr=0.003", "attack.name=cw", "eval.attacks=[{name: cw}]"])
+    run = Run.start(host, config, tmp_path_factory.mktemp("erm") / "run")
+    run.train()
+    run.model.eval()
+    return run
+
+
+def batch(run, size=100):
+    return run.splits.test.batch(torch.arange(size))
+
+
+def predict(model, inputs):
+    with torch.no_grad():
+        return model(inputs)
+
+
+def attack(run, inputs, labels, **overrides):
+    return run.ctx.attack(run.model, inputs, labels, run.ctx.attack_settings("cw", **overrides))
+
+
+L2 = dict(norm="l2", steps=30, binary_search_steps=5, lr=0.1)
+
+
+def test_cw_l2_stays_under_its_cap_and_in_the_box_and_lowers_accuracy(trained):
+    inputs, labels = batch(trained)
+    adversarial = attack(trained, inputs, labels, eps=1.5, **L2)
+    assert (adversarial - inputs).flatten(1).norm(dim=1).max() <= 1.5 * (1 + 1e-5)
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    clean = (predict(trained.model, inputs).argmax(1) == labels).float().mean()
+    robust = (predict(trained.model, adversarial).argmax(1) == labels).float().mean()
+    assert clean > 0.8 and robust < clean - 0.4
+
+
+def test_binary_search_on_c_finds_smaller_perturbations_than_a_large_fixed_c(trained):
+    inputs, labels = batch(trained, 60)
+    _, searched = advframe_cw.cw_l2(trained.model, inputs, labels, eps=1e9, steps=30, lr=0.1,
+                                    binary_search_steps=6, initial_const=0.01)
+    _, fixed = advframe_cw.cw_l2(trained.model, inputs, labels, eps=1e9, steps=30, lr=0.1,
+                                 binary_search_steps=1, initial_const=100.0)
+    both = torch.isfinite(searched) & torch.isfinite(fixed)
+    assert both.float().mean() > 0.8
+    assert searched[both].median() < 0.8 * fixed[both].median()
+    assert (searched[both] <= fixed[both] + 1e-4).float().mean() > 0.8
+
+
+def test_stopping_on_success_leaves_robust_accuracy_unchanged(trained):
+    inputs, labels = batch(trained)
+    robust = [predict(trained.model, attack(trained, inputs, labels, eps=0.8, stop_on_success=stop, **L2))
+              .argmax(1) == labels for stop in (False, True)]
+    assert 0 < robust[0].float().mean() < 1
+    assert torch.equal(robust[0], robust[1])
+
+
+def test_confidence_is_the_margin_of_every_capped_success(trained):
+    inputs, labels = batch(trained, 50)
+    adversarial, distance = advframe_cw.cw_l2(trained.model, inputs, labels, eps=3.0, steps=30, lr=0.1,
+                                              binary_search_steps=5, confidence=2.0)
+    won = distance <= 3.0
+    assert won.float().mean() > 0.5
+    assert (margin(predict(trained.model, adversarial[won]), labels[won]) >= 2.0 - 1e-4).all()
+
+
+@pytest.mark.parametrize("norm, eps", [("l2", 3.0), ("linf", 0.3)])
+def test_targeted_cw_reaches_the_targets(trained, norm, eps):
+    inputs, labels = batch(trained, 60)
+    targets = (labels + 3) % 10
+    settings = L2 if norm == "l2" else dict(norm="linf", steps=30)
+    adversarial = attack(trained, inputs, targets, eps=eps, targeted=True, **{**settings, "norm": norm})
+    assert (predict(trained.model, adversarial).argmax(1) == targets).float().mean() > 0.7
+
+
+def test_cw_loss_inside_pgd_stays_in_the_linf_ball_and_lowers_accuracy(trained):
+    inputs, labels = batch(trained)
+    adversarial = attack(trained, inputs, labels, norm="linf", eps=0.15, steps=20, stop_on_success=True)
+    assert (adversarial - inputs).abs().max() <= 0.15 + 1e-6
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    clean = (predict(trained.model, inputs).argmax(1) == labels).float().mean()
+    assert (predict(trained.model, adversarial).argmax(1) == labels).float().mean() < clean - 0.3
+
+
+def test_cw_inf_is_seeded(trained):
+    inputs, labels = batch(trained, 32)
+    results = []
+    for _ in range(2):
+        trained.ctx.generator.manual_seed(5)
+        results.append(attack(trained, inputs, labels, norm="linf", eps=0.1, steps=5, restarts=2))
+    assert torch.equal(*results)
+
+
+def test_bad_settings_are_user_errors(trained):
+    inputs, labels = batch(trained, 4)
+    with pytest.raises(PluginError, match="confidence"):
+        attack(trained, inputs, labels, confidence=-1.0)
+    with pytest.raises(PluginError, match="binary_search_steps"):
+        attack(trained, inputs, labels, norm="l2", binary_search_steps=0)
+    with pytest.raises(PluginError, match="random_start"):
+        attack(trained, inputs, labels, random_start="gauss")
