@@ -33,7 +33,8 @@ CORE_DEFAULTS: dict[str, Any] = {
         "test_classes": None,
         "test_alphabets": None,
         "rotations": [0],
-        "image_size": 28,
+        "image_size": None,
+        "target_ratio": 1,
     },
     "model": {"name": "small-cnn", "args": {}},
     "train": {
@@ -82,6 +83,7 @@ NULLABLE = {
     "data.train_classes": list,
     "data.test_classes": list,
     "data.test_alphabets": list,
+    "data.image_size": int,
     "eval.max_examples": int,
 }
 
@@ -112,7 +114,8 @@ LOWER_BOUNDS = {
     "monitor_examples": (0, False),
     "validation_size": (0, False),
     "image_size": (4, False),
-    "ways": (2, False),
+    "target_ratio": (1, False),
+    "ways": (1, False),
     "train_shots": (1, False),
     "test_shots": (1, False),
     "queries": (1, False),

@@ -85,6 +85,7 @@ class RunContext:
         self._query_records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._add_model_allowed = True
         self.test_tasks: list = []  # episodic runs: the fixed meta-test tasks
+        self.score_pseudo_labels = None  # domain adaptation: f(batch.target_index, labels) -> accuracy
         self._adapted: dict[tuple, nn.Module] = {}
         self._task_cache: dict[tuple, list[torch.Tensor]] = {}
 
@@ -284,10 +285,11 @@ class RunContext:
             self._adapted[key] = adapted
         return adapted
 
-    def task_correct(self, model: nn.Module, attack: dict[str, Any] | None = None) -> list[torch.Tensor]:
-        """Per test task, which query examples the adapted model classifies correctly, clean or under
-        ``attack`` (run against the adapted model; with ``meta.attack_support`` the support is
-        perturbed too and the model re-adapted on it). Cached for the evaluation."""
+    def task_predictions(self, model: nn.Module, attack: dict[str, Any] | None = None) -> list[torch.Tensor]:
+        """Per test task, the adapted model's predicted labels on the query set (classes, or a mask
+        per pixel for segmentation), clean or under ``attack`` (run against the adapted model; with
+        ``meta.attack_support`` the support is perturbed too and the model re-adapted on it).
+        Cached for the evaluation."""
         key = self._key(model, None, attack)
         if key in self._task_cache:
             return self._task_cache[key]
@@ -307,20 +309,25 @@ class RunContext:
                         adapted = self.adapt(model, self.test_tasks[index], support)
                     inputs = self.attack(adapted, inputs, labels, attack)
                 with torch.no_grad(), eval_mode(adapted):
-                    rows.append((adapted(inputs).argmax(1) == labels).cpu())
+                    rows.append(adapted(inputs).argmax(1).cpu())
                 if progress is not None:
                     self.progress.advance(progress)
         if progress is not None:
             self.progress.remove_task(progress)
-        if world > 1:  # every task has the same number of queries: gather as one tensor
-            gathered = distributed.gather_rows(torch.stack(rows).long())
+        if world > 1:  # every task has the same query shape: gather as one tensor
+            gathered = distributed.gather_rows(torch.stack(rows))
             order = distributed.gather_rows(torch.tensor(mine))
             result = [None] * len(self.test_tasks)
-            for position, row in zip(order.tolist(), gathered.bool()):
+            for position, row in zip(order.tolist(), gathered):
                 result[position] = row
             rows = result
         self._task_cache[key] = rows
         return rows
+
+    def task_correct(self, model: nn.Module, attack: dict[str, Any] | None = None) -> list[torch.Tensor]:
+        """Per test task, which query predictions are right (see :meth:`task_predictions`)."""
+        return [predicted == task.query_labels
+                for predicted, task in zip(self.task_predictions(model, attack), self.test_tasks)]
 
     @contextlib.contextmanager
     def evaluation_randomness(self, seed: int):

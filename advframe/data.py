@@ -76,6 +76,7 @@ class Splits:
     train: ArrayDataset
     test: ArrayDataset
     validation: ArrayDataset | None = None
+    target: ArrayDataset | None = None  # domain adaptation: unlabelled target images for training
 
     @property
     def num_classes(self) -> int:
@@ -389,6 +390,42 @@ def load_omniglot(root, test_alphabets=None, rotations=(0,), image_size=28) -> S
     return Splits(build([k for k in keys if k[0] not in held_out]), build([k for k in keys if k[0] in held_out]))
 
 
+# -- domain adaptation: a labelled source and an unlabelled target ------------------------------------
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    mode = "area" if images.shape[-1] > size else "bilinear"
+    resized = torch.nn.functional.interpolate(images, size=(size, size), mode=mode,
+                                              **({} if mode == "area" else {"align_corners": False}))
+    return resized.clamp(0, 1)
+
+
+def load_mnist_to_digits(root=None, image_size=16) -> Splits:
+    """Source: the embedded MNIST subset (labelled); target: scikit-learn digits, 1,200 unlabelled
+    training images and 597 test images; both resized to ``image_size``. The target's training labels
+    are kept only so the core can score pseudo-labels; they never reach a training step."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    images, labels = _mnist_subset()
+    source = ArrayDataset(_resize(images, image_size), labels, 10)
+    bunch = sklearn_digits()
+    target_images = _resize(torch.from_numpy((bunch.images / 16.0).astype(np.float32)).unsqueeze(1), image_size)
+    target_labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(target_labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train, test = order[:1200], order[1200:]
+    return Splits(source, ArrayDataset(target_images[test], target_labels[test], 10),
+                  target=ArrayDataset(target_images[train], target_labels[train], 10))
+
+
+def _segmentation_loader(name: str):
+    def load(root=None, **options):
+        from advframe import segmentation
+
+        return getattr(segmentation, name)(root, **options)
+
+    return load
+
+
 LOADERS = {
     "mnist": load_mnist,
     "digits": load_digits,
@@ -398,12 +435,18 @@ LOADERS = {
     "mnist-idx": load_mnist_idx,
     "mnist-fewshot": load_mnist_fewshot,
     "omniglot": load_omniglot,
+    "mnist-segmentation": _segmentation_loader("load_mnist_segmentation"),
+    "segmentation-folder": _segmentation_loader("load_segmentation_folder"),
+    "mnist-to-digits": load_mnist_to_digits,
 }
 
 # settings each loader takes from the data section besides root
 LOADER_OPTIONS = {
     "mnist-fewshot": ("train_classes", "test_classes"),
     "omniglot": ("test_alphabets", "rotations", "image_size"),
+    "mnist-segmentation": ("train_classes", "test_classes", "train_size", "test_size"),
+    "segmentation-folder": ("train_classes", "test_classes"),
+    "mnist-to-digits": ("image_size",),
 }
 
 

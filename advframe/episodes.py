@@ -84,3 +84,12 @@ def mean_and_ci95(values: torch.Tensor) -> tuple[float, float]:
     if len(values) < 2:
         return float(values.mean()), float("nan")
     return float(values.mean()), float(1.96 * values.std() / math.sqrt(len(values)))
+
+
+def sampler_for(dataset: ArrayDataset, ways: int, shots: int, queries: int):
+    """Classification tasks, or 1-way segmentation tasks when the labels are label maps."""
+    if dataset.labels.dim() == 3:
+        from advframe.segmentation import SegmentationSampler
+
+        return SegmentationSampler(dataset, shots, queries)
+    return EpisodeSampler(dataset, ways, shots, queries)

@@ -27,8 +27,19 @@ from torch import nn
 from advframe import __version__, checkpoint, data, distributed, models
 from advframe.config import dump, selected_plugins
 from advframe.context import RunContext, make_optimizer
-from advframe.episodes import EpisodeSampler
+from advframe.episodes import sampler_for
+from advframe.episodes import TEST_TASK_SEED
 from advframe.errors import CheckpointError, ConfigError, PluginCallError
+
+class DomainBatch(tuple):
+    """A domain-adaptation batch: unpacks as ``(source_inputs, source_labels)`` like any batch, and
+    carries ``target_inputs`` (unlabelled) and ``target_index`` (for ``ctx.score_pseudo_labels``)."""
+
+    def __new__(cls, inputs, labels, target_inputs, target_index):
+        batch = super().__new__(cls, (inputs, labels))
+        batch.target_inputs, batch.target_index = target_inputs, target_index
+        return batch
+
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "model.safetensors", "state.safetensors", "results.json")
 
@@ -114,8 +125,10 @@ class Run:
             self._check_fewshot_split()
         if self.ctx.episodic:
             meta = config["meta"]
-            sampler = EpisodeSampler(self.splits.test, meta["ways"], meta["test_shots"], meta["queries"])
-            self.ctx.test_tasks = sampler.fixed_tasks(meta["test_tasks"])
+            sampler = sampler_for(self.splits.test, meta["ways"], meta["test_shots"], meta["queries"])
+            self.ctx.test_tasks = sampler.fixed_tasks(meta["test_tasks"], TEST_TASK_SEED)
+        if self.splits.target is not None:
+            self.ctx.score_pseudo_labels = self._score_pseudo_labels
         for module in [self.model, *self.ctx.models.values()]:
             self.ctx.counter.attach(module)
         self.train_model = self._distribute(self.model)
@@ -181,8 +194,8 @@ class Run:
         return run
 
     def _check_fewshot_split(self) -> None:
-        train, test = self.splits.train.class_names, self.splits.test.class_names
-        if set(train) & set(test):
+        train, test = set(self.splits.train.class_names), set(self.splits.test.class_names)
+        if (train & test) - {"background"}:
             raise ConfigError(f"few-shot runs need disjoint train and test classes, but data.name="
                               f"{self.config['data']['name']} shares classes between them; use a few-shot split "
                               f"such as data.name=mnist-fewshot or data.name=omniglot")
@@ -191,11 +204,31 @@ class Run:
         """The tasks of one meta-batch: a function of (seed, epoch, batch), so a resumed run sees the same."""
         meta = self.config["meta"]
         if not hasattr(self, "_train_sampler"):
-            self._train_sampler = EpisodeSampler(self.splits.train, meta["ways"], meta["train_shots"], meta["queries"])
+            self._train_sampler = sampler_for(self.splits.train, meta["ways"], meta["train_shots"], meta["queries"])
         seed = (self.config["seed"] * 1_000_003 + epoch) * 100_003 + batch_index
         generator = torch.Generator().manual_seed(seed)
         tasks = [self._train_sampler.sample(generator) for _ in range(meta["tasks_per_batch"])]
         return [task.to(self.device) for task in tasks[self.rank::self.world]]
+
+    def _domain_batch(self, batch, epoch: int, batch_index: int, batches: int) -> DomainBatch:
+        """Source inputs and labels, plus unlabelled target inputs (``data.target_ratio`` per source image)."""
+        target = self.splits.target
+        size = len(batch[1]) * self.world * self.config["data"]["target_ratio"]
+        passes = epoch * batches + batch_index  # the target cycles through its own seeded orders
+        start = passes * size
+        indices = []
+        while len(indices) < size:
+            cycle, offset = divmod(start + len(indices), len(target))
+            order = torch.randperm(len(target), generator=torch.Generator().manual_seed(self.config["seed"] * 7 + cycle))
+            indices.extend(order[offset: offset + size - len(indices)].tolist())
+        index = self._shard(torch.tensor(indices))
+        target_inputs, _ = target.batch(index, self.device)  # the target's labels stay here
+        return DomainBatch(batch[0], batch[1], target_inputs, index)
+
+    def _score_pseudo_labels(self, target_index: torch.Tensor, pseudo_labels: torch.Tensor) -> float:
+        """Accuracy of a method's pseudo-labels on target training images, for logging only."""
+        truth = self.splits.target.labels[target_index.cpu()]
+        return (pseudo_labels.cpu() == truth).float().mean().item()
 
     def _build_model(self) -> nn.Module:
         return models.build(self.config["model"], self.splits.input_shape, self.splits.num_classes).to(self.device)
@@ -336,6 +369,8 @@ class Run:
                     inputs, labels = train.batch(index, self.device)
                     batch = (data.augment(inputs, config["data"]["augment"], ctx.generator), labels)
                     count = len(labels)
+                    if self.splits.target is not None:
+                        batch = self._domain_batch(batch, epoch, batch_index, batches)
                 progress = (epoch + batch_index / batches) / ctx.data_passes
                 for name, optimizer in ctx.optimizers.items():
                     for group in optimizer.param_groups:

@@ -25,9 +25,33 @@ def worst_class(values: list[float]) -> float:
     return min(present) if present else float("nan")
 
 
+def segmentation_metrics(model, ctx) -> dict:
+    """Few-shot segmentation: Dice of the query masks over the fixed test tasks, clean and attacked."""
+    from advframe.episodes import mean_and_ci95
+    from advframe.segmentation import dice
+
+    def per_task(predictions):
+        return torch.stack([dice(p, t.query_labels).mean() for p, t in zip(predictions, ctx.test_tasks)])
+
+    clean = ctx.task_predictions(model)
+    mean, ci = mean_and_ci95(per_task(clean))
+    pixels = torch.stack([(p == t.query_labels).float().mean() for p, t in zip(clean, ctx.test_tasks)])
+    metrics = {"dice": mean, "dice_ci95": ci, "pixel_accuracy": pixels.mean().item(), "test_tasks": float(len(clean))}
+    for index, attack in enumerate(ctx.config["eval"]["attacks"]):
+        mean, ci = mean_and_ci95(per_task(ctx.task_predictions(model, attack)))
+        metrics[f"robust_dice/{attack_label(attack)}"] = mean
+        metrics[f"robust_dice_ci95/{attack_label(attack)}"] = ci
+        if index == 0:
+            metrics["robust_dice"], metrics["robust_dice_ci95"] = mean, ci
+    return metrics
+
+
 def episodic_metrics(model, ctx) -> dict:
     """Few-shot runs: accuracy over the fixed test tasks, mean and 95% confidence interval."""
     from advframe.episodes import mean_and_ci95
+
+    if ctx.test_tasks and ctx.test_tasks[0].query_labels.dim() == 3:
+        return segmentation_metrics(model, ctx)
 
     clean = ctx.task_correct(model)
     mean, ci = mean_and_ci95(torch.stack([c.float().mean() for c in clean]))
