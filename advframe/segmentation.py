@@ -139,3 +139,20 @@ def load_segmentation_folder(root, train_classes=None, test_classes=None, train_
                             [BACKGROUND, *(str(c) for c in classes)])
 
     return Splits(relabel(train_images, train_maps, train_classes), relabel(test_images, test_maps, test_classes))
+
+
+def masked_average_pooling(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean feature vector under each mask (PANet): features ``K x C x h x w``, masks ``K x H x W``
+    (upsampled features are pooled at mask resolution, as PNODE does) -> ``C``."""
+    features = torch.nn.functional.interpolate(features, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    weights = masks[:, None].to(features.dtype)
+    return (features * weights).sum((0, 2, 3)) / weights.sum().clamp_min(1e-5)
+
+
+def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int],
+                     scale: float = 20.0) -> torch.Tensor:
+    """Scaled cosine similarity of every pixel's feature to each prototype (``P x C``), upsampled to
+    ``size``: logits ``B x P x H x W``."""
+    similarity = torch.einsum("bchw,pc->bphw", torch.nn.functional.normalize(features, dim=1),
+                              torch.nn.functional.normalize(prototypes, dim=1))
+    return torch.nn.functional.interpolate(scale * similarity, size=size, mode="bilinear", align_corners=False)

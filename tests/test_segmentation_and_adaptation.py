@@ -151,3 +151,16 @@ def test_domain_adaptation_batches_carry_unlabelled_target_images(tmp_path):
     second.train()
     for key, value in first.model.state_dict().items():
         assert torch.equal(value, second.model.state_dict()[key]), key
+
+
+def test_prototypes_come_from_the_masked_pixels_and_logits_are_cosines():
+    features = torch.zeros(2, 3, 4, 4)
+    features[:, 0, :2] = 1.0  # channel 0 on the top half
+    features[:, 1, 2:] = 1.0  # channel 1 on the bottom half
+    masks = torch.zeros(2, 8, 8)
+    masks[:, :4] = 1  # the top half at mask resolution
+    prototype = segmentation.masked_average_pooling(features, masks)
+    assert prototype[0] > 0.9 and prototype[1] < 0.1
+    logits = segmentation.prototype_logits(features, torch.stack([prototype, torch.tensor([0.0, 1.0, 0.0])]), (8, 8))
+    assert logits.shape == (2, 2, 8, 8)
+    assert (logits[:, 0, 0, 0] > logits[:, 1, 0, 0]).all() and (logits[:, 1, 7, 7] > logits[:, 0, 7, 7]).all()
