@@ -212,6 +212,22 @@ class ResNet12(nn.Module):
         return self.classifier(self.features(x))
 
 
+class SegmentationEncoder(nn.Module):
+    """A small fully convolutional encoder for few-shot segmentation: three 3x3 convolutions (32
+    channels, the last two with stride 2). Returns feature maps (``B x width x H/4 x W/4``); the
+    prototype head (advframe.segmentation) turns them into per-pixel logits."""
+
+    def __init__(self, in_channels=1, width=32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1))
+
+    def forward(self, x):
+        return self.features(x)
+
+
 def _small_cnn(num_classes, in_channels, input_size, **args):
     return SmallCNN(num_classes, in_channels, input_size, **args)
 
@@ -229,6 +245,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wide-resnet": lambda num_classes, in_channels, input_size, **a: WideResNet(num_classes, in_channels, **a),
     "conv4": lambda num_classes, in_channels, input_size, **a: Conv4(num_classes, in_channels, input_size, **a),
     "resnet12": lambda num_classes, in_channels, input_size, **a: ResNet12(num_classes, in_channels, **a),
+    "seg-encoder": lambda num_classes, in_channels, input_size, **a: SegmentationEncoder(in_channels, **a),
 }
 
 

@@ -59,3 +59,8 @@ def test_eval_mode_restores_each_submodule():
 def test_penultimate_features_are_the_last_linear_input():
     model = models.build({"name": "small-cnn", "args": {"hidden": 16}}, (1, 28, 28), 10)
     assert models.penultimate_features(model, torch.rand(3, 1, 28, 28)).shape == (3, 16)
+
+
+def test_the_segmentation_encoder_keeps_a_spatial_map():
+    encoder = models.build({"name": "seg-encoder", "args": {}}, (1, 56, 56), 2)
+    assert encoder(torch.rand(2, 1, 56, 56)).shape == (2, 32, 14, 14)
