@@ -17,10 +17,14 @@ distillation loss is a reconstruction from the abstract (METHODS.md marks it [re
 equations could not be read and no code is public, so alpha, T, include_peer_adv and the base loss are
 settings. With ``alpha: 0`` no peer term is computed and MAT is exactly N independent PGD-AT runs.
 
-Multi-perturbation MAT: ``norms: [linf, l2, l1]`` with ``norm_eps: [0.2, 1.5, 8.0]`` makes model i a
+Multi-perturbation MAT: ``norms: [linf, l2, l1]`` with ``norm_eps: [0.2, 2.0, 12.0]`` makes model i a
 specialist attacked under ``norms[i]`` (steps from the ``attack`` section; step size 2.5 eps / steps
-where the norm differs from the run's); distillation passes every specialist the peers' knowledge of
-the other perturbation types.
+where the norm differs from the run's); the specialists teach each other. With ``generalist: true``
+(the journal version's "generalist that learns from the specialists", also a reconstruction) model 0
+is a generalist trained against every norm (its base loss is the mean over the norms: with alpha = 0,
+the AVG multi-perturbation adversarial training of Tramer & Boneh), taught by specialist k on the
+norm-k examples (its own and the specialist's); the specialists, models 1..N, teach each other and
+do not learn from the generalist.
 
 The main model is model 0; the peers are added in ``setup`` as ``peer1`` .. ``peer{N-1}`` (each with
 its own optimizer, saved in ``model.safetensors`` under ``peerK/`` and in ``state.safetensors``,
@@ -40,8 +44,9 @@ Settings (``plugins.mat``)::
     include_peer_adv: true   # also distil on the peers' adversarial examples (the second KL)
     base_loss: ce            # ce (PGD-AT, the run's attack) | trades (KL-PGD attack and TRADES loss)
     trades_beta: 6.0         # beta of the TRADES base loss
-    norms: []                # one norm per model (multi-perturbation MAT); [] = the run's attack for all
+    norms: []                # one norm per specialist (multi-perturbation MAT); [] = the run's attack
     norm_eps: []             # the radius of each model's norm (same length as norms)
+    generalist: false        # model 0 trains against every norm and learns from the specialists
     agreement: true          # evaluate: peer agreement and transfer accuracy on peers' examples
 """
 
@@ -65,7 +70,7 @@ NORMS = ("linf", "l2", "l1")
 @hookimpl
 def default_config():
     return {"models": 2, "alpha": 0.5, "temperature": 1.0, "include_peer_adv": True, "base_loss": "ce",
-            "trades_beta": 6.0, "norms": [], "norm_eps": [], "agreement": True}
+            "trades_beta": 6.0, "norms": [], "norm_eps": [], "generalist": False, "agreement": True}
 
 
 def checked(settings: dict) -> dict:
@@ -81,9 +86,13 @@ def checked(settings: dict) -> dict:
     if settings["trades_beta"] < 0:
         raise PluginError(f"mat: trades_beta must be >= 0, got {settings['trades_beta']}")
     norms, radii = settings["norms"], settings["norm_eps"]
+    specialists = settings["models"] - 1 if settings["generalist"] else settings["models"]
+    if settings["generalist"] and not norms:
+        raise PluginError("mat: generalist: true needs norms and norm_eps (one entry per specialist)")
     if norms or radii:
-        if len(norms) != settings["models"] or len(radii) != settings["models"]:
-            raise PluginError(f"mat: norms and norm_eps need one entry per model ({settings['models']}), "
+        if len(norms) != specialists or len(radii) != specialists:
+            what = "models - 1 (the specialists)" if settings["generalist"] else "models"
+            raise PluginError(f"mat: norms and norm_eps need one entry per model, {what} = {specialists}; "
                               f"got {len(norms)} and {len(radii)}")
         if any(n not in NORMS for n in norms):
             raise PluginError(f"mat: norms entries must be linf, l2 or l1, got {norms}")
@@ -114,18 +123,20 @@ def members(model, ctx) -> list[nn.Module]:
     return [model] + [ctx.models[name] for name in peer_names(ctx.settings["models"]) if name in ctx.models]
 
 
-def threat_models(settings: dict, ctx, count: int) -> list[dict]:
-    """The training attack's parameters for each model (its own norm and eps for specialists)."""
+def threat_models(settings: dict, ctx, count: int) -> list[list[dict]]:
+    """Per model, the training attacks it is trained against: the run's attack; a specialist's own
+    norm and eps; the generalist (model 0) every specialist's."""
     base = dict(ctx.attack_params)
     if not settings["norms"]:
-        return [base] * count
+        return [[base] for _ in range(count)]
     threats = []
     for norm, eps in zip(settings["norms"], settings["norm_eps"]):
         params = {**base, "norm": norm, "eps": float(eps)}
         if norm != base["norm"] and "alpha" in params:
             params["alpha"] = None  # a step size set for the run's norm means nothing under another
         threats.append(params)
-    return threats
+    specialists = [[threat] for threat in threats]
+    return [threats, *specialists] if settings["generalist"] else specialists
 
 
 def adversarial_examples(net, inputs, labels, params, settings, ctx) -> torch.Tensor:
@@ -140,47 +151,72 @@ def softened_kl(student_logits, teacher_logits, temperature: float) -> torch.Ten
     return temperature ** 2 * kl_to_clean(student_logits / temperature, teacher_logits.detach() / temperature).mean()
 
 
-def mutual_losses(nets, inputs, labels, adversarial, settings) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """Each model's MAT loss (a gradient reaches only that model) and what to log."""
-    count, alpha, temperature = len(nets), settings["alpha"], settings["temperature"]
-    distil, on_peers = alpha > 0, settings["include_peer_adv"]
-    # outputs[i][j] = f_i(x'_j) with a graph to f_i; computed only where a loss needs it
-    outputs = [[net(adversarial[j]) if i == j or (distil and on_peers) else None for j in range(count)]
-               for i, net in enumerate(nets)]
+def teachers(student: int, count: int, settings: dict) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Who teaches model ``student``, and on which adversarial sets ``(owner, index)``.
 
-    def teacher(j: int, i: int) -> torch.Tensor:  # f_j(x'_i), no gradient to f_j
-        if outputs[j][i] is not None:
-            return outputs[j][i].detach()
+    Plain MAT and specialists: every other model (the generalist excepted) on the student's own
+    examples and, with include_peer_adv, on the teacher's. The generalist: specialist k on the
+    generalist's examples of norm k and on the specialist's own examples."""
+    peer_sets = settings["include_peer_adv"]
+    if settings["generalist"] and student == 0:
+        return [(k + 1, [(0, k)] + ([(k + 1, 0)] if peer_sets else [])) for k in range(count - 1)]
+    first = 1 if settings["generalist"] else 0
+    return [(j, [(student, 0)] + ([(j, 0)] if peer_sets else [])) for j in range(first, count) if j != student]
+
+
+def mutual_losses(nets, inputs, labels, adversarial, settings) -> tuple[list[torch.Tensor], dict[str, float]]:
+    """Each model's MAT loss (a gradient reaches only that model) and what to log.
+
+    ``adversarial[i]`` lists model i's adversarial examples (one per threat model it trains against).
+    """
+    count, alpha, temperature = len(nets), settings["alpha"], settings["temperature"]
+    distil = alpha > 0
+    outputs: dict[tuple, torch.Tensor] = {}  # (model, owner, index) -> logits with a graph to that model
+
+    def output(i: int, owner: int, index: int) -> torch.Tensor:
+        if (i, owner, index) not in outputs:
+            outputs[i, owner, index] = nets[i](adversarial[owner][index])
+        return outputs[i, owner, index]
+
+    lessons = [teachers(i, count, settings) if distil else [] for i in range(count)]
+    needed = {(i, owner, index) for i in range(count) for owner, index in
+              [(i, k) for k in range(len(adversarial[i]))] + [s for _, sets in lessons[i] for s in sets]}
+
+    def teacher_output(j: int, owner: int, index: int) -> torch.Tensor:  # no gradient to the teacher
+        if (j, owner, index) in needed:
+            return output(j, owner, index).detach()
         with torch.no_grad():
-            return nets[j](adversarial[i])
+            return nets[j](adversarial[owner][index])
 
     losses, logs = [], {}
     base_total = distil_total = 0.0
+    agree = []
     for i, net in enumerate(nets):
-        own = outputs[i][i]
+        own = [output(i, i, k) for k in range(len(adversarial[i]))]
         if settings["base_loss"] == "trades":
             clean = net(inputs)
-            base = F.cross_entropy(clean, labels) + settings["trades_beta"] * kl_to_clean(own, clean).mean()
+            smooth = sum(kl_to_clean(logits, clean).mean() for logits in own) / len(own)
+            base = F.cross_entropy(clean, labels) + settings["trades_beta"] * smooth
         else:
-            base = F.cross_entropy(own, labels)
+            base = sum(F.cross_entropy(logits, labels) for logits in own) / len(own)
         base_total += base.item()
-        logs[f"model{i}_adversarial_accuracy"] = (own.argmax(1) == labels).float().mean().item()
+        logs[f"model{i}_adversarial_accuracy"] = sum((o.argmax(1) == labels).float().mean().item() for o in own) / len(own)
         if not distil:
             losses.append(base)
             continue
-        peers = [j for j in range(count) if j != i]
-        mutual = sum(softened_kl(own, teacher(j, i), temperature) for j in peers)
-        if on_peers:
-            mutual = mutual + sum(softened_kl(outputs[i][j], teacher(j, j), temperature) for j in peers)
-        mutual = mutual / len(peers)
+        mutual = 0.0
+        for j, sets in lessons[i]:
+            for owner, index in sets:
+                target = teacher_output(j, owner, index)
+                mutual = mutual + softened_kl(output(i, owner, index), target, temperature)
+                if owner == i:
+                    agree.append((target.argmax(1) == output(i, owner, index).argmax(1)).float().mean().item())
+        mutual = mutual / len(lessons[i])
         distil_total += mutual.item()
         losses.append((1 - alpha) * base + alpha * mutual)
     logs["base_loss"] = base_total / count
     logs["distill_loss"] = distil_total / count
-    if distil:
-        with torch.no_grad():
-            agree = [(teacher(j, i).argmax(1) == outputs[i][i].argmax(1)).float().mean().item()
-                     for i in range(count) for j in range(count) if j != i]
+    if agree:  # how often the teachers agree with the student on the student's own adversarial examples
         logs["train_peer_agreement"] = sum(agree) / len(agree)
     return losses, logs
 
@@ -192,7 +228,8 @@ def training_step(model, batch, ctx):
     nets = members(model, ctx)
     threats = threat_models(settings, ctx, len(nets))
     # every model's adversarial examples first, all from the same weights, then one joint update
-    adversarial = [adversarial_examples(net, inputs, labels, threat, settings, ctx) for net, threat in zip(nets, threats)]
+    adversarial = [[adversarial_examples(net, inputs, labels, threat, settings, ctx) for threat in own]
+                   for net, own in zip(nets, threats)]
     losses, logs = mutual_losses(nets, inputs, labels, adversarial, settings)
     return {"loss": sum(losses[1:], losses[0]), **logs}
 

@@ -122,7 +122,7 @@ def test_peer_soft_labels_are_detached_and_distillation_changes_the_gradient(tmp
     inputs, labels = one_batch(run)
     nets = members(run)
     settings = dict(run.config["plugins"]["mat"])
-    adversarial = [run.ctx.attack(net, inputs, labels) for net in nets]
+    adversarial = [[run.ctx.attack(net, inputs, labels)] for net in nets]
     losses, _ = advframe_mat.mutual_losses(nets, inputs, labels, adversarial, settings)
     losses[0].backward()
     assert all(p.grad is None for p in nets[1].parameters()), "model 0's loss reached its peer"
@@ -146,6 +146,31 @@ def test_specialists_are_attacked_under_their_own_norm(tmp_path):
     delta = [(c["output"] - inputs).flatten(1) for c in recorder.calls]
     # steps of 2.5 eps / steps under their own norm: the L-inf step (0.04) would move 0.12 at most
     assert delta[1].norm(dim=1).max() > 0.5 and delta[2].abs().sum(1).max() > 0.5
+
+
+def test_the_generalist_trains_on_every_norm_and_learns_from_each_specialist(tmp_path):
+    recorder = RecordingPGD()
+    _, run = start(tmp_path, ["plugins.mat.models=3", "plugins.mat.generalist=true", "plugins.mat.norms=[linf, l2]",
+                              "plugins.mat.norm_eps=[0.1, 1.0]"], recorder)
+    inputs, labels = one_batch(run)
+    nets = members(run)
+    seen = {id(net): [] for net in nets}
+    hooks = [net.register_forward_pre_hook(lambda module, args: seen[id(module)].append(args[0].detach().clone())
+                                           if module.training and torch.is_grad_enabled() else None) for net in nets]
+    recorder.calls.clear()
+    run.ctx.call("training_step", "mat", model=run.train_model, batch=(inputs, labels),
+                 optimizer=run.ctx.optimizers["model"], perturb=run.ctx.perturb)
+    for hook in hooks:
+        hook.remove()
+    # model 0, the generalist, is attacked under both norms; each specialist under its own
+    assert [(nets.index(c["model"]), c["norm"]) for c in recorder.calls] == [(0, "linf"), (0, "l2"), (1, "linf"), (2, "l2")]
+    out = [c["output"] for c in recorder.calls]
+    held = lambda net, x: any(torch.equal(x, y) for y in seen[id(net)])
+    assert all(held(nets[0], x) for x in out)  # the generalist trains on every set
+    assert held(nets[1], out[3]) and held(nets[2], out[2])  # specialists learn from each other ...
+    assert not held(nets[1], out[0]) and not held(nets[2], out[1])  # ... not from the generalist
+    # the teachers of the generalist: specialist k on norm k's examples
+    assert advframe_mat.teachers(0, 3, run.config["plugins"]["mat"]) == [(1, [(0, 0), (1, 0)]), (2, [(0, 1), (2, 0)])]
 
 
 def test_resume_restores_every_model_and_optimizer(tmp_path):
@@ -206,6 +231,7 @@ def test_evaluate_reports_each_model_the_ensemble_and_the_union(tmp_path):
     ("plugins.mat.alpha=1.5", "alpha must be in"),
     ("plugins.mat.base_loss=mart", "base_loss must be"),
     ("plugins.mat.norms=[linf, l2]", "one entry per model"),
+    ("plugins.mat.generalist=true", "generalist: true needs norms"),
 ])
 def test_bad_settings_say_what_to_change(tmp_path, override, message):
     with pytest.raises(PluginError, match=message):
