@@ -8,6 +8,15 @@ from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_contract_cw_inf(tmp_path):
     assert_conforms(advframe_cw, "cw", tmp_path, overrides=["plugins.cw.steps=5"])
 
@@ -22,7 +31,8 @@ def trained(tmp_path_factory):
     """A natural model trained on digits for a few epochs through the real runner."""
     host = make_host((advframe_cw, "cw"))
     config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "train.epochs=6",
-                                       "train.lr=0.003", "attack.name=cw", "eval.attacks=[{name: cw}]"])
+                                       "train.lr=0.003", "train.monitor_examples=0", "attack.name=cw",
+                                       "eval.attacks=[{name: cw}]"])
     run = Run.start(host, config, tmp_path_factory.mktemp("erm") / "run")
     run.train()
     run.model.eval()
