@@ -27,6 +27,11 @@ With ``norm: linf`` (or ``l1``) the CW loss is used inside PGD, the "CW-inf" att
 training literature: ``advframe.attacks.pgd`` ascending ``-f`` (descending ``f`` when targeted) with
 ``steps`` steps of size ``alpha`` (default 2.5 eps / steps), ``random_start`` and ``restarts``.
 
+The paper reports the size of the perturbations CW-L2 needs; with ``eval.evaluators: [cw]`` the
+``evaluate`` hook runs CW-L2 without a cap (the ``plugins.cw`` settings) on every correctly classified
+evaluation example and reports ``cw_l2/success_rate``, ``cw_l2/median_distance`` and
+``cw_l2/mean_distance`` (over successful examples) and ``cw_l2/attacked_examples``.
+
 Settings (``plugins.cw``, or per use in ``attack`` / ``eval.attacks``), with defaults::
 
     steps: 100                 # Adam iterations per binary-search step (L2; reference 10,000 with early abort)
@@ -217,3 +222,29 @@ def generate_perturbation(model, inputs, labels, params, ctx):
     return pgd(model, inputs, labels, eps=params["eps"], alpha=step_size(params), steps=params["steps"],
                norm=params["norm"], random_start=params["random_start"], loss=loss, targeted=targeted,
                restarts=params["restarts"], stop_on_success=params["stop_on_success"], generator=ctx.generator)
+
+
+@hookimpl
+def evaluate(model, dataset, ctx):
+    """The paper's measure: the smallest L2 perturbation CW-L2 finds per example, without a cap.
+
+    Runs when ``cw`` is listed in ``eval.evaluators`` (or is the run's attack), with the
+    ``plugins.cw`` settings; examples misclassified when clean are left out."""
+    settings = {**ctx.settings, "norm": "l2"}
+    check(settings)
+    distances = []
+    for inputs, labels in dataset.batches(ctx.config["eval"]["batch_size"], ctx.device):
+        with torch.no_grad():
+            right = model(inputs).argmax(1) == labels
+        _, distance = cw_l2(model, inputs[right], labels[right], eps=float("inf"), steps=settings["steps"],
+                            confidence=settings["confidence"], binary_search_steps=settings["binary_search_steps"],
+                            initial_const=settings["initial_const"], lr=settings["lr"],
+                            abort_early=settings["abort_early"])
+        distances.append(distance.cpu())
+    distance = torch.cat(distances)
+    found = distance[torch.isfinite(distance)]
+    nan = float("nan")
+    return {"cw_l2/success_rate": float(torch.isfinite(distance).float().mean()) if len(distance) else nan,
+            "cw_l2/median_distance": float(found.median()) if len(found) else nan,
+            "cw_l2/mean_distance": float(found.mean()) if len(found) else nan,
+            "cw_l2/attacked_examples": float(len(distance))}

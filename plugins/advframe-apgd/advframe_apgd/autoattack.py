@@ -30,7 +30,7 @@ Settings (``plugins.autoattack``, or per use in ``eval.attacks``), with defaults
     steps: 100                # iterations of the APGD components and of margin-t (reference 100)
     apgd_restarts: 1          # restarts of apgd-ce / apgd-dlr (reference standard: 1)
     target_classes: 9         # targets of apgd-t and margin-t (reference 9; at most classes - 1)
-    square: {}                # overrides for the square plugin, e.g. {queries: 5000, p_init: 0.8}
+    square: {budget: 5000, p_init: 0.8}   # overrides for the square plugin (the reference's Square)
 
 Threat models L-inf and L2, untargeted (``targeted: true`` is rejected: AutoAttack measures
 untargeted robustness).
@@ -57,7 +57,7 @@ DEFAULTS = {
     "steps": 100,
     "apgd_restarts": 1,
     "target_classes": 9,
-    "square": {},
+    "square": {"budget": 5000, "p_init": 0.8},
 }
 
 # What each batch's run found, per run context and attack settings, for the evaluate hook: a list of

@@ -184,12 +184,12 @@ class FakeSquare:
     @staticmethod
     @hookimpl
     def default_config():
-        return {"queries": 100, "p_init": 0.3}
+        return {"budget": 100, "p_init": 0.3}
 
     @staticmethod
     @hookimpl
     def generate_perturbation(inputs, params):
-        FakeSquare.batches.append((len(inputs), params["queries"]))
+        FakeSquare.batches.append((len(inputs), params["budget"]))
         return inputs.clone()
 
 
@@ -198,7 +198,7 @@ def test_autoattack_reports_components_and_runs_each_on_the_still_robust_points(
     config = tiny_config(host, "erm", ["data.train_size=600", "data.test_size=100", "train.epochs=4", "train.monitor_examples=0",
                                        "train.lr=0.003", "eval.evaluators=[autoattack]",
                                        "eval.attacks=[{name: autoattack, eps: 0.06, steps: 10, target_classes: 2,"
-                                       " square: {queries: 50}}]"])
+                                       " square: {budget: 50}}]"])
     FakeSquare.batches.clear()
     results = Run.start(host, config, tmp_path / "run").execute()
     metrics = results["metrics"]

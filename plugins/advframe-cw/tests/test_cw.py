@@ -129,3 +129,21 @@ def test_bad_settings_are_user_errors(trained):
         attack(trained, inputs, labels, norm="l2", binary_search_steps=0)
     with pytest.raises(PluginError, match="random_start"):
         attack(trained, inputs, labels, random_start="gauss")
+
+
+def test_evaluate_reports_the_uncapped_perturbation_sizes(trained, monkeypatch):
+    settings = {**trained.config["plugins"]["cw"], "steps": 30, "binary_search_steps": 4}
+    monkeypatch.setitem(trained.config["plugins"], "cw", settings)
+    dataset = trained.splits.test.subset(torch.arange(60))
+    metrics = trained.ctx.call("evaluate", "cw", model=trained.model, dataset=dataset)
+    inputs, labels = dataset.batch(torch.arange(60))
+    right = predict(trained.model, inputs).argmax(1) == labels
+    assert metrics["cw_l2/attacked_examples"] == right.sum().item()
+    assert metrics["cw_l2/success_rate"] > 0.9
+    # the same examples under PGD-L2 at the median CW distance: about half of them survive
+    median = metrics["cw_l2/median_distance"]
+    assert 0 < median < metrics["cw_l2/mean_distance"] * 2
+    adversarial = attack(trained, inputs[right], labels[right], norm="l2", eps=median, stop_on_success=True,
+                         **{k: v for k, v in L2.items() if k != "norm"})
+    survived = (predict(trained.model, adversarial).argmax(1) == labels[right]).float().mean()
+    assert 0.3 < survived < 0.7
