@@ -236,3 +236,18 @@ def test_evaluate_reports_each_model_the_ensemble_and_the_union(tmp_path):
 def test_bad_settings_say_what_to_change(tmp_path, override, message):
     with pytest.raises(PluginError, match=message):
         start(tmp_path, [override])
+
+
+def test_trades_base_loss_uses_the_kl_attack_and_the_clean_term(tmp_path):
+    _, run = start(tmp_path, ["plugins.mat.base_loss=trades", "plugins.mat.alpha=0", "plugins.mat.trades_beta=2.0"])
+    inputs, labels = one_batch(run)
+    nets = members(run)
+    settings = dict(run.config["plugins"]["mat"])
+    adversarial = [[advframe_mat.adversarial_examples(net, inputs, labels, run.ctx.attack_params, settings, run.ctx)]
+                   for net in nets]
+    losses, _ = advframe_mat.mutual_losses(nets, inputs, labels, adversarial, settings)
+    for net, own, loss in zip(nets, adversarial, losses):
+        clean = net(inputs)
+        expected = F.cross_entropy(clean, labels) + 2.0 * F.kl_div(
+            F.log_softmax(net(own[0]), 1), F.softmax(clean, 1), reduction="batchmean")
+        torch.testing.assert_close(loss, expected)
