@@ -26,7 +26,8 @@ minibatches then only pace the steps.
 Defaults of a run (``run_defaults``): ``data.name: mnist-fewshot``, ``model.name: conv4``,
 ``meta.episodic_training: true``, ``meta.tasks_per_batch: 1`` (one episode per Adam step, as the
 official code). The official code halves Adam's learning rate every 2,000 episodes; here the core's
-``train.schedule`` applies.
+``train.schedule`` applies. Training never calls the model's forward (only its embedding), so
+``setup`` attaches the core's gradient counter to ``model.features`` to count the training cost.
 
 Settings (``plugins.protonet``)::
 
@@ -72,8 +73,14 @@ def check_settings(settings: dict) -> None:
 
 
 @hookimpl
-def setup(ctx):
+def setup(model, ctx):
     check_settings(ctx.settings)
+    features = getattr(unwrap(model), "features", None)
+    if ctx.config["train"]["method"] == ctx.current_plugin and isinstance(features, nn.Module):
+        # The core counts gradient evaluations at the model's forward; training here only runs the
+        # embedding (``model.features``), so the count is taken there (once per example per pass).
+        ctx.counter.attach(features)
+    return None
 
 
 # -- the method ----------------------------------------------------------------------------------

@@ -37,7 +37,10 @@ def test_protonet_learns_an_embedding_that_transfers_to_unseen_classes(tmp_path)
     run = start(tmp_path, ["train.epochs=3", "meta.tasks_per_epoch=100"])
     untrained = torch.cat(run.ctx.task_correct(run.model)).float().mean().item()
     run.ctx.clear_predictions()
-    metrics = run.execute()["metrics"]
+    results = run.execute()
+    metrics = results["metrics"]
+    # training cost is counted on the embedding: 3 epochs x 50 steps x 2 episodes x 3 ways x (1 shot + 5 queries)
+    assert results["cost"]["gradient_evaluations"] == 3 * 50 * 2 * 3 * 6
     # 3-way 1-shot on digits 5-9, never seen in training (chance 1/3), on the same fixed test tasks
     assert metrics["clean_accuracy"] > untrained + 0.08 and metrics["clean_accuracy"] > 0.5
     # the evaluation attack goes through the embedding of the adapted predictor and hurts it
