@@ -209,7 +209,7 @@ def evaluate(model, dataset, ctx):
                 metrics[f"{label}/skipped/{component}"] = 1.0
                 continue
             still = (broken_by == ROBUST) | (broken_by > position)
-            metrics[f"{label}/after/{component}"] = still.float().mean().item()
+            metrics[f"{label}/robust_accuracy_after/{component}"] = still.float().mean().item()
             metrics[f"{label}/broken_by/{component}"] = float((broken_by == position).sum())
     return metrics
 

@@ -17,7 +17,9 @@ robust only if its clean input is classified correctly. Measurements, on the fir
 evaluation examples:
 
 * white-box: PGD (``steps`` steps, step 2.5 eps / steps, uniform start, stop on success) and FGSM
-  (one step of size eps from the clean input) on cross-entropy;
+  (one step of size eps from the clean input) on cross-entropy, and APGD-DLR (``apgd_steps`` steps;
+  the DLR loss does not care how the logits are scaled); the white-box robust accuracy is the
+  per-example worst case of PGD and APGD-DLR, and the black-box and noise flags compare against it;
 * large budget: the same PGD with eps x ``large_eps_factor`` (L-inf capped at 1);
 * random noise: ``random_samples`` uniform draws in the ball per example;
 * black box: the ``black_box`` attack plugin (default ``square``, through ``ctx.attack`` with its own
@@ -28,6 +30,7 @@ evaluation examples:
 Settings (``plugins.gradient-masking``), with defaults::
 
     steps: 20                    # PGD steps of the white-box and large-budget attacks
+    apgd_steps: 100              # APGD-DLR steps (0 skips it: the white-box reference is then PGD alone)
     tolerance: 0.01              # how much lower (accuracy) a weaker attack must be to raise a flag
     large_eps_factor: 4.0        # the large budget, as a multiple of eps
     large_eps_max_accuracy: 0.05 # robust accuracy above this at the large budget raises a flag
@@ -47,8 +50,11 @@ import torch.nn.functional as F
 from advframe import PluginError, hookimpl
 from advframe.attacks import misclassified, pgd, random_delta
 
+from advframe_apgd import NORMS, apgd
+
 DEFAULTS = {
     "steps": 20,
+    "apgd_steps": 100,
     "tolerance": 0.01,
     "large_eps_factor": 4.0,
     "large_eps_max_accuracy": 0.05,
@@ -65,8 +71,10 @@ def default_config():
 
 
 def check(settings: dict) -> None:
-    if settings["steps"] < 1 or settings["large_eps_factor"] <= 1 or settings["random_samples"] < 0:
-        raise PluginError("gradient-masking: steps must be >= 1, large_eps_factor > 1 and random_samples >= 0")
+    if settings["steps"] < 1 or settings["apgd_steps"] < 0 or settings["large_eps_factor"] <= 1 \
+            or settings["random_samples"] < 0:
+        raise PluginError("gradient-masking: steps must be >= 1, apgd_steps >= 0, large_eps_factor > 1 and "
+                          "random_samples >= 0")
     if not 0 <= settings["large_eps_max_accuracy"] <= 1 or settings["tolerance"] < 0:
         raise PluginError("gradient-masking: large_eps_max_accuracy must be in [0, 1] and tolerance >= 0")
 
@@ -106,6 +114,10 @@ def measure(model, inputs, labels, settings, ctx, black_box) -> dict[str, torch.
     row = {"clean": correct}
     row["pgd"] = survives(pgd(model, inputs, labels, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=norm,
                               stop_on_success=True, generator=generator))
+    row["white_box"] = row["pgd"].clone()
+    if settings["apgd_steps"] and ctx.num_classes >= 3 and norm in NORMS:
+        row["white_box"] &= survives(apgd(model, inputs, labels, eps=eps, norm=norm, steps=settings["apgd_steps"],
+                                          loss="dlr", generator=generator).adversarial)
     row["fgsm"] = survives(pgd(model, inputs, labels, eps=eps, alpha=eps, steps=1, norm=norm, random_start="zero"))
     row["large"] = survives(pgd(model, inputs, labels, eps=large, alpha=2.5 * large / steps, steps=steps, norm=norm,
                                 stop_on_success=True, generator=generator))
@@ -129,8 +141,9 @@ def flags(rates: dict[str, float], settings: dict) -> dict[str, float]:
     tolerance, nan = settings["tolerance"], float("nan")
     result = {
         "flag_single_step_stronger": float(rates["fgsm"] < rates["pgd"] - tolerance),
-        "flag_random_noise_stronger": float(rates["noise_not_pgd"] > tolerance),
-        "flag_black_box_stronger": float(rates["black_box"] < rates["pgd"] - tolerance) if "black_box" in rates else nan,
+        "flag_random_noise_stronger": float(rates["noise_not_white_box"] > tolerance),
+        "flag_black_box_stronger": float(rates["black_box"] < rates["white_box"] - tolerance)
+        if "black_box" in rates else nan,
         "flag_large_eps_not_broken": float(rates["large"] > settings["large_eps_max_accuracy"]),
         "flag_zero_gradients": float(rates["zero_gradient"] > 0),
         "flag_nonfinite_gradients": float(rates["nonfinite_gradient"] > 0),
@@ -153,16 +166,17 @@ def evaluate(model, dataset, ctx):
         for key, value in measure(model, inputs, labels, settings, ctx, black_box).items():
             rows.setdefault(key, []).append(value.cpu())
     per_example = {key: torch.cat(values) for key, values in rows.items()}
-    per_example["noise_not_pgd"] = per_example["pgd"] & ~per_example["noise"]
+    per_example["noise_not_white_box"] = per_example["white_box"] & ~per_example["noise"]
     rates = {key: value.float().mean().item() for key, value in per_example.items()}
     eps = ctx.attack_params["eps"]
     large = eps * settings["large_eps_factor"]
     metrics = {
         "clean_accuracy": rates["clean"],
         "pgd_robust_accuracy": rates["pgd"],
+        "white_box_robust_accuracy": rates["white_box"],
         "fgsm_robust_accuracy": rates["fgsm"],
         "random_noise_robust_accuracy": rates["noise"],
-        "random_noise_beats_pgd_fraction": rates["noise_not_pgd"],
+        "random_noise_beats_white_box_fraction": rates["noise_not_white_box"],
         "large_eps": min(large, 1.0) if ctx.attack_params["norm"] == "linf" else large,
         "large_eps_robust_accuracy": rates["large"],
         "black_box_available": float(black_box is not None),

@@ -35,7 +35,7 @@ def test_autoattack_contract(tmp_path):
 
 def test_gradient_masking_contract(tmp_path):
     assert_conforms(masking, "gradient-masking", tmp_path, overrides=["plugins.gradient-masking.steps=3",
-                                                                       "plugins.gradient-masking.black_box=''"])
+                                                                       "plugins.gradient-masking.black_box=''", "plugins.gradient-masking.apgd_steps=5"])
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_autoattack_reports_components_and_runs_each_on_the_still_robust_points(
     FakeSquare.batches.clear()
     results = Run.start(host, config, tmp_path / "run").execute()
     metrics = results["metrics"]
-    after = [metrics[f"autoattack-10/after/{c}"] for c in ("apgd-ce", "apgd-t", "margin-t", "square")]
+    after = [metrics[f"autoattack-10/robust_accuracy_after/{c}"] for c in ("apgd-ce", "apgd-t", "margin-t", "square")]
     assert after == sorted(after, reverse=True)  # cumulative: never rises
     assert after[-1] == pytest.approx(metrics["robust_accuracy"])
     assert metrics["autoattack-10/robust_accuracy"] == pytest.approx(metrics["robust_accuracy"])
@@ -220,7 +220,7 @@ def test_autoattack_skips_missing_square_with_a_warning_in_the_metrics(tmp_path)
     with pytest.warns(UserWarning, match="square plugin is not installed"):
         metrics = Run.start(host, config, tmp_path / "run").execute()["metrics"]
     assert metrics["autoattack-5/skipped/square"] == 1.0
-    assert "autoattack-5/after/square" not in metrics
+    assert "autoattack-5/robust_accuracy_after/square" not in metrics
 
 
 # -- gradient masking ---------------------------------------------------------------------------------
@@ -257,7 +257,8 @@ def masking_metrics(run, model):
 def masking_run(trained, tmp_path_factory):
     host = trained.host
     config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "eval.evaluators=[gradient-masking]",
-                                       "attack.eps=0.15", "plugins.gradient-masking.max_examples=150"])
+                                       "attack.eps=0.15", "plugins.gradient-masking.max_examples=150",
+                                       "plugins.gradient-masking.apgd_steps=20"])
     run = Run.start(host, config, tmp_path_factory.mktemp("masking") / "run")
     return run
 
