@@ -35,6 +35,9 @@ def test_run_defaults_train_one_classifier_on_all_training_classes(tmp_path):
     assert run.config["meta"]["learner"] == "rfs" and not run.config["meta"]["episodic_training"]
     assert run.model.classifier.out_features == 5  # digits 0-4
     assert run.ctx.data_passes == 9 and "teacher" in run.ctx.models and "teacher" not in run.ctx.optimizers
+    # only probing another method's embedding: no generations, no teacher
+    probe_only = start(tmp_path / "erm", ["plugins.rfs.generations=2", "train.epochs=3", "train.method=erm"])
+    assert probe_only.ctx.data_passes == 3 and not probe_only.ctx.models
 
 
 def test_probe_uses_frozen_features(tmp_path):
