@@ -127,8 +127,10 @@ def attack_all(run, model, dataset, batch_size: int, seed: int, counter: Gradien
     return torch.cat(robust).float().mean().item(), process, wall, counter.count
 
 
-def stats(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def benchmark(model, dataset, args, torchattacks, art) -> str:
@@ -146,16 +148,15 @@ def benchmark(model, dataset, args, torchattacks, art) -> str:
             rows[name].append(attack_all(table[name], model, dataset, args.batch_size, repeat + 1, counter))
     counter.detach()
     reference = rows["torchattacks"]
-    lines = ["| attack | robust acc % | process s | wall s | grad. evals | examples/s (process) "
-             "| × torchattacks (process) | × torchattacks (wall) |", "|" + "---|" * 8]
+    header = ["attack", "robust acc %", "process s", "wall s", "grad. evals", "examples/s (process)",
+              "× torchattacks (process)", "× torchattacks (wall)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         accuracy, process, wall, grads = zip(*rows[name])
         ratio_process = [r[1] / p for r, p in zip(reference, process)]
         ratio_wall = [r[2] / w for r, w in zip(reference, wall)]
-        cells = [name, "%.1f ± %.1f" % tuple(100 * v for v in stats(accuracy)), "%.2f ± %.2f" % stats(process),
-                 "%.2f ± %.2f" % stats(wall), f"{statistics.fmean(grads):,.0f}",
-                 "%.0f" % (len(dataset) / statistics.fmean(process)),
-                 "%.2f ± %.2f" % stats(ratio_process), "%.2f ± %.2f" % stats(ratio_wall)]
+        cells = [name, mean_std(accuracy, 100, 1), mean_std(process), mean_std(wall), f"{statistics.fmean(grads):,.0f}",
+                 f"{len(dataset) / statistics.fmean(process):.0f}", mean_std(ratio_process), mean_std(ratio_wall)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -117,10 +117,11 @@ def single_run(model, inputs, index, objective, succeeded, *, eps, norm, steps, 
     """One APGD run from ``inputs + start``. ``objective(logits, index)`` is the per-example loss to
     maximise and ``succeeded(logits, index)`` the success test, where ``index`` says which examples of
     the caller's batch the rows are."""
-    n = len(inputs)
-    adversarial = inputs + start
-    success = torch.zeros(n, dtype=torch.bool, device=inputs.device)
-    best_loss = torch.full((n,), float("-inf"), device=inputs.device)
+    n, device = len(inputs), inputs.device
+    shape = (-1,) + (1,) * (inputs.dim() - 1)  # one value per example, broadcast over its pixels
+    adversarial = (inputs + start).detach()
+    success = torch.zeros(n, dtype=torch.bool, device=device)
+    best_loss = torch.full((n,), float("-inf"), device=device)
     checkpoint = max(int(0.22 * steps), 1)
     shortest, shrink = max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
 
@@ -131,14 +132,13 @@ def single_run(model, inputs, index, objective, succeeded, *, eps, norm, steps, 
         grad, = torch.autograd.grad(values.sum(), points)
         return logits.detach(), values.detach(), grad.detach()
 
-    rows = torch.arange(n, device=inputs.device)
+    rows = torch.arange(n, device=device)
     logits, loss, grad = forward(adversarial, rows)
-    # per-example state of the examples still running, filtered together when some stop
-    s = {"rows": rows, "x": inputs, "adv": adversarial.detach(), "prev": adversarial.detach(), "grad": grad,
-         "best": adversarial.detach(), "best_grad": grad, "best_loss": loss, "last_loss": loss,
-         "step": torch.full((n,) + (1,) * (inputs.dim() - 1), 2.0 * eps, device=inputs.device, dtype=inputs.dtype),
-         "rises": torch.zeros(n, device=inputs.device), "halved_last": torch.ones(n, dtype=torch.bool, device=inputs.device),
-         "best_at_check": loss}
+    # the state of the examples still running, one row each, filtered together when some stop
+    s = {"rows": rows, "x": inputs, "adv": adversarial.clone(), "prev": adversarial.clone(), "grad": grad,
+         "best": adversarial.clone(), "best_grad": grad, "best_loss": loss, "last_loss": loss, "best_at_check": loss,
+         "step": torch.full((n,), 2.0 * eps, device=device, dtype=inputs.dtype).view(shape),
+         "rises": torch.zeros(n, device=device), "halved_last": torch.ones(n, dtype=torch.bool, device=device)}
 
     def record(logits, s):
         """Note successes; with stop_on_success, drop the examples that just succeeded."""
@@ -161,28 +161,23 @@ def single_run(model, inputs, index, objective, succeeded, *, eps, norm, steps, 
         previous_move = adv - s["prev"]
         s["prev"] = adv
         z = x + project(adv + s["step"] * ascent_direction(s["grad"], norm) - x, x, eps, norm)
-        adv = x + project(adv + weight * (z - adv) + (1 - weight) * previous_move - x, x, eps, norm)
-        s["adv"] = adv
-        logits, loss, grad = forward(adv, s["rows"])
-        s["grad"] = grad
+        adv = s["adv"] = x + project(adv + weight * (z - adv) + (1 - weight) * previous_move - x, x, eps, norm)
+        logits, loss, s["grad"] = forward(adv, s["rows"])
         s["rises"] += (loss > s["last_loss"]).float()
         s["last_loss"] = loss
         better = loss > s["best_loss"]
-        s["best"] = torch.where(better.view(-1, *[1] * (adv.dim() - 1)), adv, s["best"])
-        s["best_grad"] = torch.where(better.view(-1, *[1] * (adv.dim() - 1)), grad, s["best_grad"])
+        s["best"] = torch.where(better.view(shape), adv, s["best"])
+        s["best_grad"] = torch.where(better.view(shape), s["grad"], s["best_grad"])
         s["best_loss"] = torch.where(better, loss, s["best_loss"])
         s = record(logits, s)
         since_check += 1
-        if since_check == checkpoint:
-            oscillating = s["rises"] <= checkpoint * rho
-            stalled = ~s["halved_last"] & (s["best_at_check"] >= s["best_loss"])
-            halve = oscillating | stalled
-            s["halved_last"], s["best_at_check"] = halve, s["best_loss"].clone()
-            if halve.any():
-                mask = halve.view(-1, *[1] * (adv.dim() - 1))
-                s["step"] = torch.where(mask, s["step"] / 2, s["step"])
-                s["adv"] = torch.where(mask, s["best"], s["adv"])
-                s["grad"] = torch.where(mask, s["best_grad"], s["grad"])
+        if since_check == checkpoint:  # halve the step where the loss oscillates or stalled; go back to the best
+            halve = (s["rises"] <= checkpoint * rho) | (~s["halved_last"] & (s["best_at_check"] >= s["best_loss"]))
+            s["halved_last"], s["best_at_check"] = halve, s["best_loss"]
+            mask = halve.view(shape)
+            s["step"] = torch.where(mask, s["step"] / 2, s["step"])
+            s["adv"] = torch.where(mask, s["best"], s["adv"])
+            s["grad"] = torch.where(mask, s["best_grad"], s["grad"])
             s["rises"] = torch.zeros_like(s["rises"])
             since_check = 0
             checkpoint = max(checkpoint - shrink, shortest)
@@ -191,7 +186,7 @@ def single_run(model, inputs, index, objective, succeeded, *, eps, norm, steps, 
     keep_best = ~success[left]
     adversarial[left[keep_best]] = s["best"][keep_best]
     best_loss[left] = s["best_loss"]
-    return Outcome(adversarial.detach(), success, best_loss)
+    return Outcome(adversarial, success, best_loss)
 
 
 def run_apgd(model, inputs, objective, succeeded, *, eps, norm, steps, restarts=1, rho=0.75,
@@ -311,7 +306,8 @@ def check_settings(params: dict, num_classes: int, name: str = "apgd") -> None:
                           f"got {params['target_classes']}")
     needed = 4 if loss == "dlr-targeted" or (loss == "dlr" and params.get("targeted")) else 3 if loss == "dlr" else 2
     if num_classes < needed:
-        raise PluginError(f"{name}: loss {loss} needs at least {needed} classes, the model has {num_classes}; use loss ce")
+        raise PluginError(f"{name}: loss {loss} needs at least {needed} classes, the model has {num_classes}; "
+                          f"use loss ce")
 
 
 @hookimpl
@@ -322,9 +318,9 @@ def default_config():
 @hookimpl
 def generate_perturbation(model, inputs, labels, params, ctx):
     check_settings(params, ctx.num_classes)
-    common = dict(eps=params["eps"], norm=params["norm"], steps=params["steps"], restarts=params["restarts"],
-                  rho=params["rho"], momentum=params["momentum"], stop_on_success=params["stop_on_success"],
-                  generator=ctx.generator, init=params.get("init"))
+    common = {"eps": params["eps"], "norm": params["norm"], "steps": params["steps"], "restarts": params["restarts"],
+              "rho": params["rho"], "momentum": params["momentum"], "stop_on_success": params["stop_on_success"],
+              "generator": ctx.generator, "init": params.get("init")}
     if params["loss"] == "dlr-targeted":
         return apgd_targeted(model, inputs, labels, target_classes=params["target_classes"], **common).adversarial
     return apgd(model, inputs, labels, loss=params["loss"], targeted=params["targeted"], **common).adversarial

@@ -48,8 +48,7 @@ from advframe import PluginError, hookimpl
 from advframe.attacks import misclassified, pgd
 from advframe.context import attack_label
 from advframe.models import eval_mode, unwrap
-
-from advframe_apgd import NORMS, apgd, apgd_targeted, check_settings
+from advframe_apgd import apgd, apgd_targeted, check_settings
 
 COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "margin-t", "square")
 DEFAULTS = {
@@ -126,8 +125,8 @@ def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Te
         broken_by[misclassified(clean_logits, labels)] = CLEAN_WRONG
         adversarial = inputs.clone()
         skipped = []
-        common = dict(eps=params["eps"], norm=params["norm"], steps=params["steps"], stop_on_success=True,
-                      generator=ctx.generator)
+        common = {"eps": params["eps"], "norm": params["norm"], "steps": params["steps"], "stop_on_success": True,
+                  "generator": ctx.generator}
         for position, component in enumerate(params["components"]):
             todo = (broken_by == ROBUST).nonzero().flatten()
             if len(todo) == 0:

@@ -49,7 +49,6 @@ import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import misclassified, pgd, random_delta
-
 from advframe_apgd import NORMS, apgd
 
 DEFAULTS = {

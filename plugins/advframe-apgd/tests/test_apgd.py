@@ -1,12 +1,12 @@
+import typing
 import warnings
 
+import advframe_apgd
 import pytest
 import torch
+from advframe_apgd import autoattack, masking
 from torch import nn
 
-import advframe_apgd
-import advframe_apgd.autoattack as autoattack
-import advframe_apgd.masking as masking
 from advframe import PluginError, hookimpl
 from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config
@@ -34,8 +34,9 @@ def test_autoattack_contract(tmp_path):
 
 
 def test_gradient_masking_contract(tmp_path):
-    assert_conforms(masking, "gradient-masking", tmp_path, overrides=["plugins.gradient-masking.steps=3",
-                                                                       "plugins.gradient-masking.black_box=''", "plugins.gradient-masking.apgd_steps=5"])
+    overrides = ["plugins.gradient-masking.steps=3", "plugins.gradient-masking.apgd_steps=5",
+                 "plugins.gradient-masking.black_box=''"]
+    assert_conforms(masking, "gradient-masking", tmp_path, overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_step_size_halves_at_checkpoints_so_the_walk_settles_on_an_interior_maxi
             seen.append(len(x))
             return torch.stack([-(x - peak[: len(x)]).flatten(1).pow(2).sum(1), torch.zeros(len(x))], 1)
 
-    never = lambda logits, rows: torch.zeros(len(rows), dtype=torch.bool)  # noqa: E731
+    never = lambda logits, rows: torch.zeros(len(rows), dtype=torch.bool)
     outcome = advframe_apgd.single_run(Bowl(), inputs, torch.arange(3), lambda logits, rows: logits[:, 0], never,
                                        eps=0.1, norm="linf", steps=100, rho=0.75, momentum=0.75,
                                        stop_on_success=False, start=torch.zeros_like(inputs))
@@ -157,7 +158,7 @@ def robust_accuracy(run, name, inputs, labels, **overrides):
 
 def test_autoattack_worst_case_is_never_above_any_component(trained):
     inputs, labels = batch(trained)
-    settings = dict(eps=0.08, steps=15, target_classes=3)
+    settings = {"eps": 0.08, "steps": 15, "target_classes": 3}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ensemble, adversarial = robust_accuracy(trained, "autoattack", inputs, labels,
@@ -179,7 +180,7 @@ class FakeSquare:
     """A stand-in ``square`` plugin that records which examples AutoAttack hands it and breaks none."""
 
     __name__ = "tests.FakeSquare"
-    batches: list[int] = []
+    batches: typing.ClassVar[list[tuple[int, int]]] = []
 
     @staticmethod
     @hookimpl
@@ -195,10 +196,10 @@ class FakeSquare:
 
 def test_autoattack_reports_components_and_runs_each_on_the_still_robust_points(tmp_path):
     host = make_host((autoattack, "autoattack"), (FakeSquare(), "square"))
-    config = tiny_config(host, "erm", ["data.train_size=600", "data.test_size=100", "train.epochs=4", "train.monitor_examples=0",
-                                       "train.lr=0.003", "eval.evaluators=[autoattack]",
-                                       "eval.attacks=[{name: autoattack, eps: 0.06, steps: 10, target_classes: 2,"
-                                       " square: {budget: 50}}]"])
+    entry = "{name: autoattack, eps: 0.06, steps: 10, target_classes: 2, square: {budget: 50}}"
+    config = tiny_config(host, "erm", ["data.train_size=600", "data.test_size=100", "train.epochs=4",
+                                       "train.monitor_examples=0", "train.lr=0.003", "eval.evaluators=[autoattack]",
+                                       f"eval.attacks=[{entry}]"])
     FakeSquare.batches.clear()
     results = Run.start(host, config, tmp_path / "run").execute()
     metrics = results["metrics"]
@@ -256,11 +257,10 @@ def masking_metrics(run, model):
 @pytest.fixture(scope="module")
 def masking_run(trained, tmp_path_factory):
     host = trained.host
-    config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "eval.evaluators=[gradient-masking]",
-                                       "attack.eps=0.15", "plugins.gradient-masking.max_examples=150",
+    config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "attack.eps=0.15",
+                                       "eval.evaluators=[gradient-masking]", "plugins.gradient-masking.max_examples=150",
                                        "plugins.gradient-masking.apgd_steps=20"])
-    run = Run.start(host, config, tmp_path_factory.mktemp("masking") / "run")
-    return run
+    return Run.start(host, config, tmp_path_factory.mktemp("masking") / "run")
 
 
 def test_gradient_masking_flags_nothing_on_a_plain_model(trained, masking_run):

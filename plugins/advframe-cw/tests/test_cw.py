@@ -1,7 +1,7 @@
+import advframe_cw
 import pytest
 import torch
 
-import advframe_cw
 from advframe import PluginError
 from advframe.losses import margin
 from advframe.runner import Run
@@ -52,7 +52,7 @@ def attack(run, inputs, labels, **overrides):
     return run.ctx.attack(run.model, inputs, labels, run.ctx.attack_settings("cw", **overrides))
 
 
-L2 = dict(norm="l2", steps=30, binary_search_steps=5, lr=0.1)
+L2 = {"norm": "l2", "steps": 30, "binary_search_steps": 5, "lr": 0.1}
 
 
 def test_cw_l2_stays_under_its_cap_and_in_the_box_and_lowers_accuracy(trained):
@@ -98,7 +98,7 @@ def test_confidence_is_the_margin_of_every_capped_success(trained):
 def test_targeted_cw_reaches_the_targets(trained, norm, eps):
     inputs, labels = batch(trained, 60)
     targets = (labels + 3) % 10
-    settings = L2 if norm == "l2" else dict(norm="linf", steps=30)
+    settings = L2 if norm == "l2" else {"norm": "linf", "steps": 30}
     adversarial = attack(trained, inputs, targets, eps=eps, targeted=True, **{**settings, "norm": norm})
     assert (predict(trained.model, adversarial).argmax(1) == targets).float().mean() > 0.7
 
