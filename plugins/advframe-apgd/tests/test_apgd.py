@@ -258,8 +258,8 @@ def masking_metrics(run, model):
 def masking_run(trained, tmp_path_factory):
     host = trained.host
     config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "attack.eps=0.15",
-                                       "eval.evaluators=[gradient-masking]", "plugins.gradient-masking.max_examples=150",
-                                       "plugins.gradient-masking.apgd_steps=20"])
+                                       "eval.evaluators=[gradient-masking]", "plugins.gradient-masking.apgd_steps=20",
+                                       "plugins.gradient-masking.max_examples=150"])
     return Run.start(host, config, tmp_path_factory.mktemp("masking") / "run")
 
 
