@@ -72,8 +72,13 @@ def project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.where(inside[:, None], flat, shrunk).view_as(delta)
 
 
-def project(delta: torch.Tensor, inputs: torch.Tensor, eps: float, norm: str = "linf") -> torch.Tensor:
-    """Project ``delta`` into the ``eps`` ball, then so that ``inputs + delta`` lies in [0, 1].
+Bounds = tuple[float, float] | None
+
+
+def project(delta: torch.Tensor, inputs: torch.Tensor, eps: float, norm: str = "linf",
+            bounds: Bounds = (0.0, 1.0)) -> torch.Tensor:
+    """Project ``delta`` into the ``eps`` ball, then so that ``inputs + delta`` lies in ``bounds``
+    ([0, 1] for images and scaled features; ``None`` for embeddings, which have no box).
 
     The box step only shrinks coordinates towards zero, so the result stays inside the ball. The
     box is applied to delta (not by clamping ``inputs + delta`` in a forward pass), which keeps the
@@ -87,7 +92,10 @@ def project(delta: torch.Tensor, inputs: torch.Tensor, eps: float, norm: str = "
         delta = project_l1(delta, eps)
     else:
         raise ValueError(f"unknown norm {norm!r}")
-    return torch.max(torch.min(delta, 1 - inputs), -inputs)
+    if bounds is None:
+        return delta
+    low, high = bounds
+    return torch.max(torch.min(delta, high - inputs), low - inputs)
 
 
 def ascent_direction(grad: torch.Tensor, norm: str, l1_sparsity: float = 0.99) -> torch.Tensor:
@@ -106,7 +114,7 @@ def ascent_direction(grad: torch.Tensor, norm: str, l1_sparsity: float = 0.99) -
 
 
 def random_delta(inputs: torch.Tensor, eps: float, norm: str, kind: str | bool,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, bounds: Bounds = (0.0, 1.0)) -> torch.Tensor:
     """A starting perturbation: ``"uniform"`` in the ball, ``"normal"`` (TRADES' 0.001 N(0, I)), or ``"zero"``."""
     kind = "uniform" if kind is True else "zero" if kind is False else kind
     shape = inputs.shape
@@ -126,7 +134,7 @@ def random_delta(inputs: torch.Tensor, eps: float, norm: str, kind: str | bool,
             delta = (direction * radius * eps).to(inputs)
     else:
         raise ValueError(f"unknown random start {kind!r}: use uniform, normal or zero")
-    return project(delta, inputs, eps, norm)
+    return project(delta, inputs, eps, norm, bounds)
 
 
 def step_size(params: dict) -> float:
@@ -151,7 +159,8 @@ def _loss_fn(loss: str | LossFn) -> LossFn:
 def pgd(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, eps: float, alpha: float, steps: int,
         norm: str = "linf", random_start: str | bool = "uniform", loss: str | LossFn = "ce",
         targeted: bool = False, restarts: int = 1, stop_on_success: bool = False,
-        init: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        init: torch.Tensor | None = None, generator: torch.Generator | None = None,
+        bounds: Bounds = (0.0, 1.0)) -> torch.Tensor:
     """Projected gradient ascent (Madry et al. 2018); FGSM is ``steps=1, random_start="zero", alpha=eps``.
 
     :param loss: ``"ce"``, ``"kl"`` (to the clean prediction), ``"margin"``, or
@@ -161,6 +170,7 @@ def pgd(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, eps: fl
     :param stop_on_success: freeze an example at its first misclassified iterate. For evaluation:
         the robust accuracy is unchanged and the time falls.
     :param init: a starting perturbation (another method's output) used by the first start.
+    :param bounds: the box the inputs live in (``None``: no box, for embeddings).
     :return: adversarial inputs, detached.
     """
     model = unwrap(model)
@@ -178,9 +188,9 @@ def pgd(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, eps: fl
             x, y = inputs[todo], labels[todo]
             clean = clean_logits[todo] if clean_logits is not None else None
             if restart == 0 and init is not None:
-                delta = project(init[todo].detach().to(inputs), x, eps, norm)
+                delta = project(init[todo].detach().to(inputs), x, eps, norm, bounds)
             else:
-                delta = random_delta(x, eps, norm, random_start, generator)
+                delta = random_delta(x, eps, norm, random_start, generator, bounds)
             active = torch.arange(len(x), device=inputs.device)
             for _ in range(steps):
                 delta.requires_grad_(True)
@@ -196,7 +206,7 @@ def pgd(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, eps: fl
                         active, delta, grad = active[keep], delta[keep], grad[keep]
                         if len(active) == 0:
                             break
-                delta = project(delta + alpha * ascent_direction(grad, norm), x[active], eps, norm)
+                delta = project(delta + alpha * ascent_direction(grad, norm), x[active], eps, norm, bounds)
             result[todo[active]] = x[active] + delta.detach()
             if restart + 1 < restarts:
                 with torch.no_grad():
@@ -219,7 +229,8 @@ class BoundaryPoints:
 
 def boundary_pgd(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, eps: float, alpha: float,
                  steps: int, norm: str = "linf", random_start: str | bool = "normal", loss: str | LossFn = "kl",
-                 extra_steps: int = 1, generator: torch.Generator | None = None) -> BoundaryPoints:
+                 extra_steps: int = 1, generator: torch.Generator | None = None,
+                 bounds: Bounds = (0.0, 1.0)) -> BoundaryPoints:
     """Early-stopped PGD that stops each example at the decision boundary (Friendly AT; BAT).
 
     Every example walks its own trajectory. When an iterate is first misclassified, the iterate
@@ -235,7 +246,7 @@ def boundary_pgd(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *
     with eval_mode(model), torch.enable_grad():
         with torch.no_grad():
             clean_logits = model(inputs)
-        delta = random_delta(inputs, eps, norm, random_start, generator)
+        delta = random_delta(inputs, eps, norm, random_start, generator, bounds)
         last_clean = inputs + delta
         first_adversarial = torch.empty_like(inputs)
         flip_step = torch.full((n,), -1, dtype=torch.long, device=inputs.device)
@@ -263,7 +274,7 @@ def boundary_pgd(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *
             if len(active) == 0:
                 break
             previous = current
-            delta = project(delta + alpha * ascent_direction(grad, norm), inputs[active], eps, norm)
+            delta = project(delta + alpha * ascent_direction(grad, norm), inputs[active], eps, norm, bounds)
         final = inputs[active] + delta.detach()
         first_adversarial[active] = final
         never = active[flip_step[active] < 0]

@@ -35,6 +35,8 @@ CORE_DEFAULTS: dict[str, Any] = {
         "rotations": [0],
         "image_size": None,
         "target_ratio": 1,
+        "max_length": 64,
+        "vocab_size": 20000,
     },
     "model": {"name": "small-cnn", "args": {}},
     "train": {
@@ -115,6 +117,8 @@ LOWER_BOUNDS = {
     "validation_size": (0, False),
     "image_size": (4, False),
     "target_ratio": (1, False),
+    "max_length": (1, False),
+    "vocab_size": (3, False),
     "ways": (1, False),
     "train_shots": (1, False),
     "test_shots": (1, False),

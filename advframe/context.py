@@ -85,6 +85,7 @@ class RunContext:
         self._query_records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._add_model_allowed = True
         self.test_tasks: list = []  # episodic runs: the fixed meta-test tasks
+        self.input_bounds: tuple[float, float] | None = (0.0, 1.0)  # None: inputs are embeddings (text)
         self.score_pseudo_labels = None  # domain adaptation: f(batch.target_index, labels) -> accuracy
         self._adapted: dict[tuple, nn.Module] = {}
         self._task_cache: dict[tuple, list[torch.Tensor]] = {}
@@ -135,6 +136,12 @@ class RunContext:
         params = params or self.attack_params
         name = params["name"]
         model = unwrap(model)
+        if not inputs.dtype.is_floating_point:  # token ids: attacks perturb the model's embeddings
+            if not hasattr(model, "embed"):
+                raise PluginError("the inputs are token ids but the model has no embed() method to attack in "
+                                  "embedding space; use model.name=text-classifier")
+            with torch.no_grad():
+                inputs = model.embed(inputs)
         saved_grads = [(p, p.grad) for p in model.parameters()]
         for parameter, _ in saved_grads:
             parameter.grad = None
@@ -145,7 +152,7 @@ class RunContext:
         finally:
             for parameter, grad in saved_grads:
                 parameter.grad = grad
-        check_perturbation(name, inputs, adversarial, params["eps"], params["norm"])
+        check_perturbation(name, inputs, adversarial, params["eps"], params["norm"], self.input_bounds)
         return adversarial.detach()
 
     def perturb(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -370,15 +377,17 @@ def check_finite(loss: torch.Tensor, ctx: RunContext) -> None:
         )
 
 
-def check_perturbation(name: str, inputs: torch.Tensor, adversarial, eps: float, norm: str) -> None:
+def check_perturbation(name: str, inputs: torch.Tensor, adversarial, eps: float, norm: str,
+                       bounds: tuple[float, float] | None = (0.0, 1.0)) -> None:
     if not isinstance(adversarial, torch.Tensor) or adversarial.shape != inputs.shape:
         shape = tuple(adversarial.shape) if isinstance(adversarial, torch.Tensor) else type(adversarial).__name__
         raise PluginCallError(f"attack {name!r} returned {shape}; expected a tensor of shape {tuple(inputs.shape)}")
     if adversarial.dtype != inputs.dtype or adversarial.device != inputs.device:
         raise PluginCallError(f"attack {name!r} changed dtype/device to {adversarial.dtype}/{adversarial.device}")
     tolerance = 1e-5
-    if adversarial.min() < -tolerance or adversarial.max() > 1 + tolerance:
-        raise PluginCallError(f"attack {name!r} left [0, 1]: values in [{adversarial.min():.4f}, {adversarial.max():.4f}]")
+    if bounds is not None and (adversarial.min() < bounds[0] - tolerance or adversarial.max() > bounds[1] + tolerance):
+        raise PluginCallError(f"attack {name!r} left {list(bounds)}: values in "
+                              f"[{adversarial.min():.4f}, {adversarial.max():.4f}]")
     delta = (adversarial - inputs).flatten(1)
     size = {"linf": delta.abs().amax(1), "l2": delta.norm(dim=1), "l1": delta.abs().sum(1)}[norm]
     if len(size) and size.max() > eps * (1 + 1e-4) + tolerance:

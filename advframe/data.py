@@ -10,6 +10,12 @@ from train with a fixed seed, so every run compares on the same images):
 * ``imagefolder``: ``root/train/CLASS/*.png`` and ``root/test/CLASS/*`` (``val`` also accepted).
 * ``mnist-idx``: the four IDX files (optionally gzipped) under ``root``.
 
+Text (``text``): ``root/train.tsv`` and ``root/test.tsv`` as ``LABEL<tab>TEXT``; inputs are token ids
+and attacks perturb the model's embeddings (``model.name: text-classifier``).
+
+Tabular (``breast-cancer``, ``wine``, ``iris`` from scikit-learn): feature vectors, each feature
+scaled to [0, 1] by the training split's range; use ``model.name: mlp``.
+
 Few-shot splits (train and test hold disjoint classes, each relabelled 0..C-1; the original class
 names are kept in ``class_names``):
 
@@ -49,6 +55,7 @@ class ArrayDataset:
         self.labels = labels.long()
         self.num_classes = int(num_classes if num_classes is not None else int(labels.max()) + 1)
         self.class_names = class_names or [str(c) for c in range(self.num_classes)]
+        self.vocabulary: list[str] | None = None  # text data: token of each id (0 = padding, 1 = unknown)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -59,11 +66,16 @@ class ArrayDataset:
 
     def batch(self, index: torch.Tensor | slice, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         inputs = self.inputs[index]
-        inputs = inputs.float().div_(255.0) if inputs.dtype == torch.uint8 else inputs.float()
+        if inputs.dtype == torch.uint8:
+            inputs = inputs.float().div_(255.0)
+        elif inputs.dtype.is_floating_point:
+            inputs = inputs.float()  # other integer inputs are token ids and stay integers
         return inputs.to(device), self.labels[index].to(device)
 
     def subset(self, index: torch.Tensor) -> ArrayDataset:
-        return ArrayDataset(self.inputs[index], self.labels[index], self.num_classes, self.class_names)
+        subset = ArrayDataset(self.inputs[index], self.labels[index], self.num_classes, self.class_names)
+        subset.vocabulary = self.vocabulary
+        return subset
 
     def batches(self, batch_size: int, device: torch.device | str = "cpu"):
         """In order, for evaluation."""
@@ -390,6 +402,92 @@ def load_omniglot(root, test_alphabets=None, rotations=(0,), image_size=28) -> S
     return Splits(build([k for k in keys if k[0] not in held_out]), build([k for k in keys if k[0] in held_out]))
 
 
+# -- tabular data: scikit-learn's bundled sets, features in [0, 1] ---------------------------------------
+
+TABULAR = {"breast-cancer": "load_breast_cancer", "wine": "load_wine", "iris": "load_iris"}
+
+
+def load_tabular(name: str) -> Splits:
+    """A stratified 80/20 split; each feature min-max scaled with the training split's range, so an
+    eps ball in feature space is measured in units of each feature's range (a per-feature scale)."""
+    import sklearn.datasets
+
+    bunch = getattr(sklearn.datasets, TABULAR[name])()
+    features = torch.from_numpy(bunch.data.astype(np.float32))
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    train, test = stratified_split(labels, 0.2)
+    low, high = features[train].min(0).values, features[train].max(0).values
+    scaled = ((features - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
+    classes = int(labels.max()) + 1
+    names = [str(n) for n in bunch.target_names]
+    return Splits(ArrayDataset(scaled[train], labels[train], classes, names),
+                  ArrayDataset(scaled[test], labels[test], classes, names))
+
+
+# -- text: token ids, attacked in embedding space ---------------------------------------------------------
+
+def tokenize(text: str) -> list[str]:
+    import re
+
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def _read_text_split(path: Path) -> tuple[list[str], list[str]]:
+    import csv
+
+    labels, texts = [], []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
+            for number, row in enumerate(rows, 1):
+                if path.suffix == ".csv" and number == 1 and [c.lower() for c in row[:2]] == ["label", "text"]:
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"{path}:{number}: expected LABEL<separator>TEXT")
+                labels.append(row[0].strip())
+                texts.append(row[1])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if not labels:
+        raise DataError(f"{path} holds no examples")
+    return labels, texts
+
+
+def load_text(root, max_length=64, vocab_size=20000) -> Splits:
+    """``root/train.tsv`` and ``root/test.tsv`` (``LABEL<tab>TEXT`` per line; ``.csv`` with a
+    ``label,text`` header also works). The vocabulary comes from the training split (padding = 0,
+    unknown = 1); sequences are cut or padded to ``max_length`` tokens."""
+    from collections import Counter
+
+    if root is None:
+        raise DataError("data.name=text needs data.root: a folder with train.tsv and test.tsv (LABEL<tab>TEXT)")
+    root = Path(root).expanduser()
+    files = {}
+    for split in ("train", "test"):
+        path = next((root / f"{split}{suffix}" for suffix in (".tsv", ".csv") if (root / f"{split}{suffix}").is_file()), None)
+        if path is None:
+            raise DataError(f"text: {root}/{split}.tsv (or .csv) not found")
+        files[split] = _read_text_split(path)
+    classes = sorted(set(files["train"][0]))
+    counts = Counter(token for text in files["train"][1] for token in tokenize(text))
+    vocabulary = ["<pad>", "<unk>", *[token for token, _ in counts.most_common(vocab_size - 2)]]
+    ids = {token: index for index, token in enumerate(vocabulary)}
+
+    def encode(labels, texts):
+        unknown = sorted(set(labels) - set(classes))
+        if unknown:
+            raise DataError(f"text: test labels {unknown} never appear in train.tsv")
+        tokens = torch.zeros(len(texts), max_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            encoded = [ids.get(token, 1) for token in tokenize(text)][:max_length]
+            tokens[row, : len(encoded)] = torch.tensor(encoded, dtype=torch.long)
+        dataset = ArrayDataset(tokens, torch.tensor([classes.index(label) for label in labels]), len(classes), classes)
+        dataset.vocabulary = vocabulary
+        return dataset
+
+    return Splits(encode(*files["train"]), encode(*files["test"]))
+
+
 # -- domain adaptation: a labelled source and an unlabelled target ------------------------------------
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -438,6 +536,8 @@ LOADERS = {
     "mnist-segmentation": _segmentation_loader("load_mnist_segmentation"),
     "segmentation-folder": _segmentation_loader("load_segmentation_folder"),
     "mnist-to-digits": load_mnist_to_digits,
+    "text": load_text,
+    **{name: (lambda root=None, name=name: load_tabular(name)) for name in TABULAR},
 }
 
 # settings each loader takes from the data section besides root
@@ -447,6 +547,7 @@ LOADER_OPTIONS = {
     "mnist-segmentation": ("train_classes", "test_classes", "train_size", "test_size"),
     "segmentation-folder": ("train_classes", "test_classes"),
     "mnist-to-digits": ("image_size",),
+    "text": ("max_length", "vocab_size"),
 }
 
 

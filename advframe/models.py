@@ -212,6 +212,25 @@ class ResNet12(nn.Module):
         return self.classifier(self.features(x))
 
 
+class TextClassifier(nn.Module):
+    """Embedding, a 1-D convolution over positions, max pooling and a linear layer. ``forward`` takes
+    token ids or embeddings (``embed(tokens)``), so attacks can perturb the embeddings."""
+
+    def __init__(self, num_classes=2, vocab_size=20000, embedding_dim=64, channels=64, kernel=3):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, embedding_dim, padding_idx=0)
+        self.convolution = nn.Conv1d(embedding_dim, channels, kernel, padding=kernel // 2)
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+    def forward(self, x):
+        embedded = self.embed(x) if not x.dtype.is_floating_point else x
+        hidden = F.relu(self.convolution(embedded.transpose(1, 2)))
+        return self.classifier(hidden.amax(2))
+
+
 class SegmentationEncoder(nn.Module):
     """A small fully convolutional encoder for few-shot segmentation: three 3x3 convolutions (32
     channels, the last two with stride 2). Returns feature maps (``B x width x H/4 x W/4``); the
@@ -245,8 +264,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wide-resnet": lambda num_classes, in_channels, input_size, **a: WideResNet(num_classes, in_channels, **a),
     "conv4": lambda num_classes, in_channels, input_size, **a: Conv4(num_classes, in_channels, input_size, **a),
     "resnet12": lambda num_classes, in_channels, input_size, **a: ResNet12(num_classes, in_channels, **a),
+    "text-classifier": lambda num_classes, in_channels, input_size, vocab_size=20000, **a: TextClassifier(
+        num_classes, vocab_size, **a),
     "seg-encoder": lambda num_classes, in_channels, input_size, **a: SegmentationEncoder(in_channels, **a),
 }
+
+
+CONVOLUTIONAL = {"small-cnn", "preact-resnet18", "resnet18", "wide-resnet", "conv4", "resnet12", "seg-encoder"}
 
 
 def register_model(name: str):
@@ -259,18 +283,25 @@ def register_model(name: str):
     return decorate
 
 
-def build(model_config: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build(model_config: dict, input_shape: tuple[int, ...], num_classes: int, vocab_size: int | None = None) -> nn.Module:
     name, args = model_config["name"], dict(model_config.get("args") or {})
+    if vocab_size is not None and name in CONVOLUTIONAL | {"mlp"}:
+        raise ConfigError(f"the data are token sequences; model {name!r} cannot read them: use model.name=text-classifier")
+    if len(input_shape) == 1 and name in CONVOLUTIONAL:
+        raise ConfigError(f"model {name!r} needs image inputs, but the data are feature vectors of size "
+                          f"{input_shape[0]}; use model.name=mlp")
     in_channels = input_shape[0]
     input_size = input_shape[-1] if len(input_shape) >= 2 else 0
     if name in MODELS:
         factory = MODELS[name]
         context = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
+        if vocab_size is not None and name == "text-classifier":
+            context["vocab_size"] = vocab_size
     elif ":" in name:
         factory = _import_callable(name)
         accepted = inspect.signature(factory).parameters
-        context = {k: v for k, v in {"num_classes": num_classes, "in_channels": in_channels,
-                                     "input_size": input_size}.items() if k in accepted}
+        context = {k: v for k, v in {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size,
+                                     "vocab_size": vocab_size}.items() if k in accepted and v is not None}
     else:
         import difflib
 

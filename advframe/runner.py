@@ -121,6 +121,8 @@ class Run:
                     raise PluginCallError(f"plugin {name!r}: setup must return an nn.Module or None")
                 self.model = replacement.to(self.device)
         self.ctx._add_model_allowed = False
+        if not self.splits.train.inputs.dtype.is_floating_point and self.splits.train.inputs.dtype != torch.uint8:
+            self.ctx.input_bounds = None  # token ids: attacks perturb embeddings, which have no box
         if self.ctx.episodic or config["meta"]["episodic_training"]:
             self._check_fewshot_split()
         if self.ctx.episodic:
@@ -231,7 +233,9 @@ class Run:
         return (pseudo_labels.cpu() == truth).float().mean().item()
 
     def _build_model(self) -> nn.Module:
-        return models.build(self.config["model"], self.splits.input_shape, self.splits.num_classes).to(self.device)
+        vocabulary = self.splits.train.vocabulary
+        return models.build(self.config["model"], self.splits.input_shape, self.splits.num_classes,
+                            len(vocabulary) if vocabulary else None).to(self.device)
 
     def _setup_order(self) -> list[str]:
         names = [self.roles["training"], self.roles["attack"], self.roles["meta"], *self.roles["evaluators"]]

@@ -55,7 +55,7 @@ class ReferencePGD:
 
         return pgd(model, inputs, labels, eps=params["eps"], alpha=params["alpha"], steps=params["steps"],
                    norm=params["norm"], random_start=params["random_start"], targeted=params["targeted"],
-                   generator=ctx.generator)
+                   generator=ctx.generator, bounds=ctx.input_bounds)
 
 
 def make_host(*plugins: tuple[Any, str]):

@@ -127,3 +127,67 @@ def test_augment_crop_and_flip_keep_shape_and_range():
     assert out.shape == inputs.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.equal(out, inputs)
     assert torch.equal(data.augment(inputs, "none", generator), inputs)
+
+
+@pytest.mark.parametrize("name, features, classes", [("breast-cancer", 30, 2), ("wine", 13, 3), ("iris", 4, 3)])
+def test_tabular_sets_are_scaled_feature_vectors(name, features, classes):
+    splits = data.load({"name": name})
+    assert splits.input_shape == (features,) and splits.num_classes == classes
+    assert splits.train.inputs.min() == 0 and splits.train.inputs.max() == 1
+    assert 0 <= splits.test.inputs.min() and splits.test.inputs.max() <= 1
+
+
+def test_a_tabular_run_trains_an_mlp_and_attacks_in_feature_space(tmp_path):
+    from advframe.errors import ConfigError
+    from advframe.runner import Run
+    from advframe.testing import make_host, tiny_config
+
+    host = make_host()
+    config = tiny_config(host, "erm", ["data.name=breast-cancer", "model.name=mlp", "model.args={hidden: [32]}",
+                                       "train.epochs=20", "data.train_size=null", "data.test_size=null",
+                                       "attack.eps=0.1", "eval.attacks=[{name: test-pgd, steps: 10, alpha: 0.02}]"])
+    metrics = Run.start(host, config, tmp_path / "run").execute()["metrics"]
+    assert metrics["clean_accuracy"] > 0.85 and metrics["robust_accuracy"] < metrics["clean_accuracy"]
+    with pytest.raises(ConfigError, match="use model.name=mlp"):
+        Run.start(host, tiny_config(host, "erm", ["data.name=wine"]), tmp_path / "cnn")
+
+
+def write_text_data(root):
+    good = ["a wonderful delightful film", "truly great and moving", "wonderful acting great story",
+            "a delightful great time", "moving and wonderful"]
+    bad = ["a dull boring mess", "terrible acting awful story", "boring and dull", "an awful terrible film",
+           "dull dull boring"]
+    rows = [f"pos\t{t}" for t in good] + [f"neg\t{t}" for t in bad]
+    (root / "train.tsv").write_text("\n".join(rows * 6) + "\n")
+    (root / "test.tsv").write_text("pos\tgreat wonderful film\nneg\tboring awful mess\npos\tunseen words great\n")
+
+
+def test_text_data_become_token_ids_with_a_training_vocabulary(tmp_path):
+    write_text_data(tmp_path)
+    splits = data.load({"name": "text", "root": str(tmp_path), "max_length": 6, "vocab_size": 50})
+    assert splits.train.class_names == ["neg", "pos"] and splits.train.inputs.shape == (60, 6)
+    inputs, labels = splits.test.batch(torch.arange(3))
+    assert inputs.dtype == torch.long and labels.tolist() == [1, 0, 1]
+    vocabulary = splits.train.vocabulary
+    assert vocabulary[:2] == ["<pad>", "<unk>"] and inputs[2, 0].item() == 1  # "unseen" is unknown
+    assert inputs[0, 3].item() == 0  # padded
+
+
+def test_a_text_run_trains_and_attacks_in_embedding_space(tmp_path):
+    from advframe.runner import Run
+    from advframe.testing import make_host, tiny_config
+
+    write_text_data(tmp_path)
+    host = make_host()
+    config = tiny_config(host, "erm", ["data.name=text", f"data.root={tmp_path}", "data.max_length=6",
+                                       "data.train_size=null", "data.test_size=null", "model.name=text-classifier",
+                                       "model.args={embedding_dim: 16, channels: 16}", "train.epochs=10",
+                                       "attack.eps=2.0", "attack.norm=l2",
+                                       "eval.attacks=[{name: test-pgd, steps: 10, alpha: 0.5}]"])
+    run = Run.start(host, config, tmp_path / "run")
+    assert run.ctx.input_bounds is None
+    metrics = run.execute()["metrics"]
+    assert metrics["clean_accuracy"] == 1.0 and metrics["robust_accuracy"] < 1.0
+    with pytest.raises(Exception, match="use model.name=text-classifier"):
+        Run.start(host, tiny_config(host, "erm", ["data.name=text", f"data.root={tmp_path}", "model.name=mlp"]),
+                  tmp_path / "mlp")

@@ -44,7 +44,7 @@ def run_pgd(model, inputs, labels, params, ctx):
     return pgd(model, inputs, labels, eps=params["eps"], alpha=step_size(params), steps=params["steps"],
                norm=params["norm"], random_start=params["random_start"], loss=params["loss"],
                targeted=params["targeted"], restarts=params["restarts"],
-               stop_on_success=params["stop_on_success"], generator=ctx.generator)
+               stop_on_success=params["stop_on_success"], generator=ctx.generator, bounds=ctx.input_bounds)
 
 
 @hookimpl
