@@ -188,8 +188,8 @@ def setup(ctx):
 
 def fgsm_rs(model, inputs, labels, settings, ctx):
     """The FGSM-RS adversarial examples of one batch."""
-    eps = ctx.attack_params["eps"]
-    return pgd(model, inputs, labels, eps=eps, alpha=settings["step_factor"] * eps, steps=1, norm=ctx.attack_params["norm"],
+    eps, norm = ctx.attack_params["eps"], ctx.attack_params["norm"]
+    return pgd(model, inputs, labels, eps=eps, alpha=settings["step_factor"] * eps, steps=1, norm=norm,
                random_start=settings["random_start"], loss="ce", generator=ctx.generator)
 
 
