@@ -80,6 +80,21 @@ def test_training_step_logs_the_misclassified_fraction(run):
     assert output["misclassified_fraction"] == pytest.approx(expected)
 
 
+def test_true_label_mode_is_pgd_at(run):
+    """The control: attack every example with its true label and train on CE(f(x'), y), as pgd-at does."""
+    inputs, labels = run.splits.train.batch(torch.arange(64))
+    run.ctx.config["plugins"][NAME]["misclassified_mode"] = "true_label"
+    try:
+        run.ctx.generator.manual_seed(0)
+        ours = run.ctx.call("training_step", NAME, model=run.model, batch=(inputs, labels),
+                            optimizer=run.ctx.optimizers["model"], perturb=run.ctx.perturb)["loss"]
+    finally:
+        run.ctx.config["plugins"][NAME]["misclassified_mode"] = "pred_label"
+    run.ctx.generator.manual_seed(0)
+    reference = F.cross_entropy(run.model(run.ctx.perturb(run.model, inputs, labels)), labels)
+    assert torch.equal(ours, reference)
+
+
 def test_label_noise_is_fixed_per_example():
     from advframe import data
 
