@@ -8,6 +8,12 @@ once any iterate breaks it, where torchattacks looks only at the last iterate) a
 with every example broken. ``advframe (no early stop)`` is the same primitive without it, to separate
 the loop from the early stopping.
 
+Two more rows measure a proposed core change, not what advframe does today: ``advframe + proposed
+patch`` runs the same core PGD on the model with eval-mode BatchNorm folded into its convolutions and
+channels-last memory (the same function up to float rounding; see ``proposed_view``), and
+``torchattacks, same patched model`` gives torchattacks that model too, so the table separates what
+the transformation buys any library from what advframe's early stop adds.
+
 Two models by default, both small-cnn (width 16, BatchNorm) on the embedded MNIST subset (4,000 train
 / 1,000 test): ``natural`` (2 epochs of plain training: most examples break within a few steps) and
 ``robust`` (PGD-AT, PGD-10 at eps 0.2 for ``--robust-epochs`` epochs: most examples never break, so the
@@ -82,24 +88,60 @@ def train(splits, kind: str, epochs: int, eps: float, seed: int) -> torch.nn.Mod
     return model.eval()
 
 
-def implementations(model, eps: float, alpha: float, steps: int, torchattacks, art):
-    def advframe_pgd(stop_on_success):
+class Wrapped(torch.nn.Module):
+    """The model behind a module the gradient counter can hook (the model itself stays hook-free, so
+    ``torch.fx`` can copy it); ``channels_last`` also hands it channels-last inputs."""
+
+    def __init__(self, model: torch.nn.Module, channels_last: bool = False):
+        super().__init__()
+        self.channels_last = channels_last
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+
+    def forward(self, inputs):
+        return self.model(inputs.contiguous(memory_format=torch.channels_last) if self.channels_last else inputs)
+
+
+def proposed_view(model: torch.nn.Module, counter: GradientCounter) -> torch.nn.Module:
+    """The model as the proposed core patch would attack it: the same function (up to float rounding),
+    with eval-mode BatchNorm folded into the convolution before it (``torch.fx`` fusion) and
+    channels-last memory, which makes a forward and backward pass cheaper on CPU. Built per call, as
+    the core would (a training attack sees new weights at every step)."""
+    from torch.fx.experimental.optimization import fuse
+
+    view = Wrapped(fuse(model), channels_last=True).eval()
+    counter.attach(view)
+    return view
+
+
+def implementations(model, eps: float, alpha: float, steps: int, torchattacks, art, counter: GradientCounter):
+    counted = Wrapped(model).eval()
+    counter.attach(counted)
+
+    def advframe_pgd(stop_on_success, patched=False):
         def run(inputs, labels, seed):
-            return attacks.pgd(model, inputs, labels, eps=eps, alpha=alpha, steps=steps, random_start="uniform",
+            target = proposed_view(model, counter) if patched else counted
+            return attacks.pgd(target, inputs, labels, eps=eps, alpha=alpha, steps=steps, random_start="uniform",
                                stop_on_success=stop_on_success, generator=torch.Generator().manual_seed(seed))
         return run
 
-    reference = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    def torchattacks_pgd(patched=False):
+        reference = torchattacks.PGD(counted, eps=eps, alpha=alpha, steps=steps, random_start=True)
 
-    def torchattacks_pgd(inputs, labels, seed):
-        torch.manual_seed(seed)
-        return reference(inputs, labels)
+        def run(inputs, labels, seed):
+            torch.manual_seed(seed)
+            if patched:
+                return torchattacks.PGD(proposed_view(model, counter), eps=eps, alpha=alpha, steps=steps,
+                                        random_start=True)(inputs, labels)
+            return reference(inputs, labels)
+        return run
 
     table = {"advframe": advframe_pgd(True), "advframe (no early stop)": advframe_pgd(False),
-             "torchattacks": torchattacks_pgd}
+             "torchattacks": torchattacks_pgd(),
+             "advframe + proposed patch": advframe_pgd(True, patched=True),
+             "torchattacks, same patched model": torchattacks_pgd(patched=True)}
     if art is not None:
         ProjectedGradientDescent, PyTorchClassifier = art
-        classifier = PyTorchClassifier(model, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
+        classifier = PyTorchClassifier(counted, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28),
                                        nb_classes=10, clip_values=(0.0, 1.0))
         attack = ProjectedGradientDescent(classifier, norm="inf", eps=eps, eps_step=alpha, max_iter=steps,
                                           num_random_init=1, batch_size=500, verbose=False)
@@ -135,9 +177,8 @@ def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
 
 def benchmark(model, dataset, args, torchattacks, art) -> str:
     alpha = 2.5 * args.eps / args.steps
-    table = implementations(model, args.eps, alpha, args.steps, torchattacks, art)
     counter = GradientCounter()
-    counter.attach(model)
+    table = implementations(model, args.eps, alpha, args.steps, torchattacks, art, counter)
     names = list(table)
     for name in names:  # warm-up, untimed
         attack_all(table[name], model, dataset.subset(torch.arange(args.batch_size)), args.batch_size, 0, counter)
