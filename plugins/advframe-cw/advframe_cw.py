@@ -228,8 +228,10 @@ def generate_perturbation(model, inputs, labels, params, ctx):
 def evaluate(model, dataset, ctx):
     """The paper's measure: the smallest L2 perturbation CW-L2 finds per example, without a cap.
 
-    Runs when ``cw`` is listed in ``eval.evaluators`` (or is the run's attack), with the
-    ``plugins.cw`` settings; examples misclassified when clean are left out."""
+    Runs only when ``cw`` is listed in ``eval.evaluators`` (not merely because it is the run's attack),
+    with the ``plugins.cw`` settings; examples misclassified when clean are left out."""
+    if "cw" not in ctx.config["eval"]["evaluators"]:
+        return {}
     settings = {**ctx.settings, "norm": "l2"}
     check(settings)
     distances = []

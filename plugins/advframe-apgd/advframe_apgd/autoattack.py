@@ -191,8 +191,13 @@ def entries(ctx) -> list[dict]:
 
 @hookimpl
 def evaluate(model, dataset, ctx):
-    """Robust accuracy after each component (cumulative, as AutoAttack prints it) and skipped components."""
+    """Robust accuracy after each component (cumulative, as AutoAttack prints it) and skipped components.
+
+    Runs only when ``autoattack`` is listed in ``eval.evaluators`` (not merely because it is the run's
+    attack)."""
     metrics = {}
+    if "autoattack" not in ctx.config["eval"]["evaluators"]:
+        return metrics
     for params in entries(ctx):
         label = attack_label(params)
         predictions = ctx.predictions(model, dataset, params)  # shared with the accuracy evaluator

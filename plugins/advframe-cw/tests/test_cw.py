@@ -135,6 +135,9 @@ def test_evaluate_reports_the_uncapped_perturbation_sizes(trained, monkeypatch):
     settings = {**trained.config["plugins"]["cw"], "steps": 30, "binary_search_steps": 4}
     monkeypatch.setitem(trained.config["plugins"], "cw", settings)
     dataset = trained.splits.test.subset(torch.arange(60))
+    # the run attacks with cw but does not list it as an evaluator: no uncapped run
+    assert trained.ctx.call("evaluate", "cw", model=trained.model, dataset=dataset) == {}
+    monkeypatch.setitem(trained.config["eval"], "evaluators", ["cw"])
     metrics = trained.ctx.call("evaluate", "cw", model=trained.model, dataset=dataset)
     inputs, labels = dataset.batch(torch.arange(60))
     right = predict(trained.model, inputs).argmax(1) == labels
