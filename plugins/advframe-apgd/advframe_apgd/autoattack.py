@@ -10,9 +10,10 @@ the components, as AutoAttack reports it. The reference's ``standard`` version r
 
 * ``apgd-ce``, ``apgd-dlr``, ``apgd-t``: this package's APGD (``steps`` iterations, ``apgd_restarts``
   restarts for APGD-CE/DLR, one per target for APGD-T, as the reference);
-* ``margin-t``: **stands in for FAB-T**, which is not implemented: targeted PGD on the Carlini-Wagner
-  margin (``advframe.attacks.pgd``, ``loss="margin"``, step 2.5 eps / steps) towards the same
-  ``target_classes`` classes ranked after the true one, each on the examples still robust. Like FAB-T
+* ``margin-t``: **stands in for FAB-T**, which is not implemented: PGD (``advframe.attacks.pgd``, step
+  2.5 eps / steps, uniform start) raising the Carlini-Wagner margin of a target class,
+  ``z_t - max_{i != t} z_i``, for each of the same ``target_classes`` classes ranked after the true one
+  at the clean input, each on the examples still robust, stopping at misclassification. Like FAB-T
   it is a targeted attack with a different objective from APGD-T's DLR; unlike FAB-T it does not look
   for the minimal perturbation, only for one inside the ball;
 * ``square``: the ``square`` plugin (another package), called through ``ctx.attack`` with its own
@@ -47,6 +48,7 @@ import torch
 from advframe import PluginError, hookimpl
 from advframe.attacks import misclassified, pgd
 from advframe.context import attack_label
+from advframe.losses import margin
 from advframe.models import eval_mode, unwrap
 from advframe_apgd import apgd, apgd_targeted, check_settings
 
@@ -120,7 +122,6 @@ def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Te
     with eval_mode(model):
         with torch.no_grad():
             clean_logits = model(inputs)
-        ranking = clean_logits.argsort(1, descending=True)
         broken_by = torch.full((len(inputs),), ROBUST, dtype=torch.long, device=inputs.device)
         broken_by[misclassified(clean_logits, labels)] = CLEAN_WRONG
         adversarial = inputs.clone()
@@ -137,7 +138,7 @@ def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Te
             elif component == "apgd-t":
                 found = apgd_targeted(model, x, y, target_classes=params["target_classes"], **common).adversarial
             elif component == "margin-t":
-                found = targeted_margin(model, x, y, ranking[todo], params, ctx)
+                found = targeted_margin(model, x, y, params, ctx)
             else:
                 settings = square_params(ctx, params)
                 if settings is None:
@@ -151,17 +152,27 @@ def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Te
     return adversarial, broken_by, skipped
 
 
-def targeted_margin(model, inputs, labels, ranking, params, ctx) -> torch.Tensor:
-    """The FAB-T stand-in: targeted margin PGD towards each of the top ``target_classes`` other classes."""
+def toward(rank: int):
+    """PGD loss pulling the class ranked ``rank`` at the clean input above all others: ``z_t - max_{i!=t} z_i``.
+
+    The target is read from the clean logits the core passes for each row still attacked, so the walk
+    can stop, as AutoAttack's components do, as soon as the example is misclassified (as any class)."""
+    def loss(logits, labels, clean_logits):
+        return -margin(logits, clean_logits.argsort(1, descending=True)[:, rank])
+    return loss
+
+
+def targeted_margin(model, inputs, labels, params, ctx) -> torch.Tensor:
+    """The FAB-T stand-in: margin PGD towards each of the top ``target_classes`` other classes in turn,
+    each on the examples no earlier target broke."""
     result = inputs.clone()
     todo = torch.arange(len(inputs), device=inputs.device)
     eps, steps = params["eps"], params["steps"]
     for rank in range(1, params["target_classes"] + 1):
         if len(todo) == 0:
             break
-        targets = ranking[todo, rank]
-        found = pgd(model, inputs[todo], targets, eps=eps, alpha=2.5 * eps / steps, steps=steps, norm=params["norm"],
-                    loss="margin", targeted=True, stop_on_success=True, generator=ctx.generator)
+        found = pgd(model, inputs[todo], labels[todo], eps=eps, alpha=2.5 * eps / steps, steps=steps,
+                    norm=params["norm"], loss=toward(rank), stop_on_success=True, generator=ctx.generator)
         with torch.no_grad():
             hit = misclassified(model(found), labels[todo])
         result[todo[hit]] = found[hit]
