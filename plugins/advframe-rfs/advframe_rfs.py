@@ -28,9 +28,9 @@ No episodic meta-learning. Three parts:
   flips change their identity); 0 fits on the plain support.
 
 Defaults of a run (``run_defaults``): ``data.name: mnist-fewshot``, ``model.name: conv4``,
-``meta.episodic_training: false``. The official recipe trains a ResNet-12 with SGD (lr 0.05,
-momentum 0.9, weight decay 5e-4, decay x0.1 at epochs 60 and 80 of 100); the core's optimizer and
-schedule apply here (``train.*``).
+``train.batch_size: 64`` (the official batch size), ``meta.episodic_training: false``. The official
+recipe trains a ResNet-12 with SGD (lr 0.05, momentum 0.9, weight decay 5e-4, decay x0.1 at epochs
+60 and 80 of 100); the core's optimizer and schedule apply here (``train.*``).
 
 Settings (``plugins.rfs``)::
 
@@ -72,7 +72,8 @@ def default_config():
 
 @hookimpl
 def run_defaults():
-    return {"data": {"name": "mnist-fewshot"}, "model": {"name": "conv4"}, "meta": {"episodic_training": False}}
+    return {"data": {"name": "mnist-fewshot"}, "model": {"name": "conv4"}, "train": {"batch_size": 64},
+            "meta": {"episodic_training": False}}
 
 
 def check_settings(settings: dict) -> None:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import advframe_rfs
 from advframe import PluginError
+from advframe.config import resolve
 from advframe.models import embed
 from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config
@@ -34,6 +35,8 @@ def test_run_defaults_train_one_classifier_on_all_training_classes(tmp_path):
     run = start(tmp_path / "r", ["plugins.rfs.generations=2", "train.epochs=3"])
     assert run.config["meta"]["learner"] == "rfs" and not run.config["meta"]["episodic_training"]
     assert run.model.classifier.out_features == 5  # digits 0-4
+    host = make_host((advframe_rfs, "rfs"))
+    assert resolve(host, {"attack": {"name": "test-pgd"}, "eval": {"attacks": []}}, [], "rfs")["train"]["batch_size"] == 64
     assert run.ctx.data_passes == 9 and "teacher" in run.ctx.models and "teacher" not in run.ctx.optimizers
     # only probing another method's embedding: no generations, no teacher
     probe_only = start(tmp_path / "erm", ["plugins.rfs.generations=2", "train.epochs=3", "train.method=erm"])
