@@ -155,6 +155,16 @@ def assert_conforms(plugin_module, name: str, tmp_path: Path, overrides=(), user
         assert 0.0 <= metrics[required] <= 1.0
 
 
+def pytest_configure(config):
+    """Tests use one thread each (ADVFRAME_TEST_THREADS overrides): tiny models gain nothing from more,
+    and on a shared machine extra threads only spin against each other."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("ADVFRAME_TEST_THREADS", "1")))
+
+
 # -- fixtures ----------------------------------------------------------------------------------------
 
 @pytest.fixture
