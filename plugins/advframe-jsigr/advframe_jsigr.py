@@ -41,12 +41,12 @@ Settings (``plugins.jsigr``)::
     png_examples: 8              # test inputs drawn in jsigr_saliency.png
 
 ``evaluate`` reports, for any trained model (``eval.evaluators=[jsigr]`` adds them to other
-methods' runs), the mean input-gradient norm ``input_gradient_norm`` (||grad_x log p_y||_2), the mean
-Jacobian Frobenius norm ``jacobian_frobenius_norm`` (exact, one backward pass per class), and
-``saliency_gradient_energy``: the fraction of the squared input gradient that falls inside the
-saliency mask (``mask_quantile`` for a gradient that ignores the mask). On the main process of a
-run with a directory it writes ``jsigr_saliency.png``: inputs, perturbation saliency maps and the
-model's gradient maps side by side.
+methods' runs) and on a fixed random subset of ``eval_examples`` test inputs: the mean input-gradient
+norm ``input_gradient_norm`` (||grad_x log p_y||_2), the mean Jacobian Frobenius norm
+``jacobian_frobenius_norm`` (exact, one backward pass per class), and ``saliency_gradient_energy``,
+the fraction of the squared input gradient that falls inside the saliency mask (``mask_quantile``
+for a gradient that ignores the mask). On the main process of a run with a directory it writes
+``jsigr_saliency.png``: inputs, perturbation saliency maps and the model's gradient maps side by side.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
+from advframe.data import SPLIT_SEED
 from advframe.models import eval_mode
 
 KINDS = ("occlusion", "rise")
@@ -316,9 +317,11 @@ def evaluate(model, dataset, ctx):
     if count == 0:
         return {}
     batch_size = ctx.config["eval"]["batch_size"]
+    # a fixed random subset: evaluation splits are often sorted by class
+    subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SPLIT_SEED))[:count].sort().values
     parts = {"gradient_norm": [], "jacobian_norm": [], "inside": []}
     for start in range(0, count, batch_size):
-        inputs, labels = dataset.batch(slice(start, min(start + batch_size, count)), ctx.device)
+        inputs, labels = dataset.batch(subset[start:start + batch_size], ctx.device)
         maps = gradient_maps(model, inputs, labels, settings, ctx.generator)
         for key in parts:
             parts[key].append(maps[key].cpu())
