@@ -28,9 +28,10 @@ selectable here (``method``):
 The inner maximisation is TRADES' KL attack (sign-gradient ascent on KL(p(x) || p(x')) from a
 0.001 N(0, I) start, eps / step size / steps from the ``attack`` section; the default training
 attack is PGD-10, the paper's adversary), with the model in eval mode; the outer loss runs in train
-mode. The paper's full text was not available to us: the exact FAIT path (interpolation vs.
-iterates), how its segments are weighted, and which prediction MER's entropy term acts on are
-reconstructions kept behind the ``path``, ``segment_reduction`` and ``entropy_on`` switches.
+mode. For text (token ids) the walk runs in the model's embedding space, as the core's attacks do.
+The paper's full text was not available to us: the exact FAIT path (interpolation vs. iterates), how
+its segments are weighted, and which prediction MER's entropy term acts on are reconstructions kept
+behind the ``path``, ``segment_reduction`` and ``entropy_on`` switches.
 
 Settings (``plugins.bregman-at``)::
 
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 from advframe import PluginError, hookimpl
 from advframe.attacks import pgd, step_size
 from advframe.losses import entropy, kl_to_clean
+from advframe.models import unwrap
 
 METHODS = ("fait", "mer")
 PATHS = ("interpolation", "iterates")
@@ -106,7 +108,11 @@ def adversarial_path(model, inputs, labels, ctx) -> list[torch.Tensor]:
     """
     settings, attack = ctx.settings, ctx.attack_params
     segments = settings["segments"] if settings["method"] == "fait" else 1
-    run = dict(eps=attack["eps"], alpha=step_size(attack), norm=attack["norm"], loss="kl", generator=ctx.generator)
+    run = dict(eps=attack["eps"], alpha=step_size(attack), norm=attack["norm"], loss="kl", generator=ctx.generator,
+               bounds=ctx.input_bounds)
+    if not inputs.dtype.is_floating_point:  # token ids: the walk is in the model's embedding space
+        with torch.no_grad():
+            inputs = unwrap(model).embed(inputs)
     steps = attack["steps"]
     if segments > 1 and settings["path"] == "iterates":
         # the same K-step walk, cut at round(s K / S): each piece starts where the last one stopped

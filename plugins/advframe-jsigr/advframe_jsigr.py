@@ -83,6 +83,12 @@ def default_config():
     }
 
 
+def check_inputs(inputs: torch.Tensor) -> None:
+    if not inputs.dtype.is_floating_point:
+        raise PluginError("jsigr: the inputs are token ids; J-SIGR regularises gradients with respect to continuous "
+                          "inputs (images or tabular features), so it cannot train a text model")
+
+
 def check_settings(settings) -> None:
     for key in ("jacobian_weight", "saliency_weight", "mask_refresh_epochs", "eval_examples", "png_examples"):
         if settings[key] < 0:
@@ -227,6 +233,7 @@ def training_step(model, batch, perturb, ctx):
     inputs, labels = batch
     settings = ctx.settings
     check_settings(settings)
+    check_inputs(inputs)
     mask = masks_for(model, inputs, labels, settings, ctx)
     x = inputs.detach().clone().requires_grad_(True)
     logits = model(x)
@@ -314,8 +321,8 @@ def evaluate(model, dataset, ctx):
     settings = ctx.settings
     check_settings(settings)
     count = min(len(dataset), settings["eval_examples"])
-    if count == 0:
-        return {}
+    if count == 0 or dataset.inputs.dtype in (torch.int32, torch.int64):
+        return {}  # nothing asked, or token ids (a text run): no input gradient to measure
     batch_size = ctx.config["eval"]["batch_size"]
     # a fixed random subset: evaluation splits are often sorted by class
     subset = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SPLIT_SEED))[:count].sort().values

@@ -23,8 +23,10 @@ text and code could not be read, so both readings are kept]:
 * ``true_label``: attack every example with its true label, which is exactly PGD-AT (the control).
 
 The paper covers vision, NLP and tabular tasks. The rule only needs the run's attack, so it works on
-any data and model the core provides (images here; tabular sets and embedding-space attacks for text
-come with the core's data and attack support).
+every kind of data the core provides: images; tabular sets (``data.name: breast-cancer``, ``wine``,
+``iris`` with ``model.name: mlp``: feature-space attacks, each feature scaled to [0, 1] by its range);
+text (``data.name: text`` with ``model.name: text-classifier``: the attack perturbs the embeddings, and
+an unattacked misclassified example in ``clean`` mode is its clean embedding).
 
 Robust overfitting shows most clearly with noisy labels, which the core's data options do not
 offer; ``label_noise`` flips a fixed fraction of the training labels inside ``training_step``
@@ -57,7 +59,7 @@ import torch
 import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
-from advframe.models import eval_mode
+from advframe.models import eval_mode, unwrap
 
 MODES = ("pred_label", "clean", "true_label")
 _HASH_MODULUS = 1_000_003  # a prime: the hash of an input modulo it is close to uniform
@@ -82,9 +84,10 @@ def check_settings(settings, config) -> None:
 # -- label noise --------------------------------------------------------------------------------
 
 def example_hashes(inputs: torch.Tensor, seed: int, salt: int) -> torch.Tensor:
-    """A stable integer in [0, 1_000_003) per example, from its input values (quantised to 1/65535)."""
+    """A stable integer in [0, 1_000_003) per example, from its input values (quantised to 1/65535;
+    token ids are used as they are)."""
     flat = inputs.detach().flatten(1)
-    quantised = (flat.clamp(0, 1) * 65535).round().long()
+    quantised = (flat.clamp(0, 1) * 65535).round().long() if flat.dtype.is_floating_point else flat.long()
     generator = torch.Generator().manual_seed(seed * 7 + salt)
     weights = torch.randint(1, 2 ** 16, (flat.shape[1],), generator=generator).to(quantised.device)
     return (quantised * weights).sum(1).remainder(_HASH_MODULUS)
@@ -101,6 +104,15 @@ def noisy_labels(inputs: torch.Tensor, labels: torch.Tensor, rate: float, seed: 
 
 # -- the misclassified-sample rule --------------------------------------------------------------
 
+def attack_space(model, inputs: torch.Tensor) -> torch.Tensor:
+    """The clean inputs where the attack works: the inputs themselves, or for token ids the model's
+    embeddings (as the core's attacks see them, detached)."""
+    if inputs.dtype.is_floating_point:
+        return inputs.clone()
+    with torch.no_grad():
+        return unwrap(model).embed(inputs)
+
+
 def attack_examples(model, inputs, labels, perturb, mode: str):
     """Adversarial examples under the A3T rule; (x', misclassified mask, attack labels)."""
     with torch.no_grad(), eval_mode(model):
@@ -111,7 +123,7 @@ def attack_examples(model, inputs, labels, perturb, mode: str):
     if mode == "pred_label":
         attack_labels = torch.where(wrong, predicted, labels)
         return perturb(model, inputs, attack_labels), wrong, attack_labels
-    adversarial = inputs.clone()  # "clean": misclassified examples stay where they are
+    adversarial = attack_space(model, inputs)  # "clean": misclassified examples stay where they are
     if (~wrong).any():
         adversarial[~wrong] = perturb(model, inputs[~wrong], labels[~wrong])
     return adversarial, wrong, labels

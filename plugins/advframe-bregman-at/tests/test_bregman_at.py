@@ -115,3 +115,17 @@ def test_bad_settings_raise_one_clear_error(tmp_path, setting):
     run, inputs, labels = make_run(tmp_path, [setting])
     with pytest.raises(PluginError, match="bregman-at"):
         plugin_loss(run, inputs, labels)
+
+
+@pytest.mark.parametrize("overrides", [["method=mer"], ["method=fait", "path=iterates"]])
+def test_text_runs_walk_in_embedding_space(tmp_path, overrides):
+    words = {"pos": ["good", "great", "fine", "nice"], "neg": ["bad", "poor", "awful", "dull"]}
+    rows = [f"{label}\t{a} {b}" for label, pool in words.items() for a in pool for b in pool]
+    (tmp_path / "train.tsv").write_text("\n".join(rows * 2) + "\n")
+    (tmp_path / "test.tsv").write_text("pos\tgood nice\nneg\tbad dull\n")
+    results = tiny_run(advframe_bregman_at, NAME, tmp_path / "run", overrides=[
+        "data.name=text", f"data.root={tmp_path}", "data.max_length=4", "data.train_size=null", "data.test_size=null",
+        "model.name=text-classifier", "model.args={embedding_dim: 8, channels: 8}", "attack.eps=1.0",
+        "attack.norm=l2", "train.monitor_examples=0", "eval.attacks=[{name: test-pgd, steps: 3, alpha: 0.5}]",
+        *[f"plugins.{NAME}.{o}" for o in overrides]])
+    assert results["metrics"]["mean_prediction_entropy"] > 0

@@ -100,3 +100,13 @@ def test_regulariser_lowers_the_input_gradient_norm(tmp_path):
 def test_bad_settings_raise_one_clear_error(tmp_path, setting):
     with pytest.raises(PluginError, match="jsigr"):
         tiny_run(jsigr, NAME, tmp_path / "run", overrides=[f"plugins.{NAME}.{setting}"])
+
+
+def test_text_inputs_are_refused_with_one_clear_error(tmp_path):
+    rows = [f"{label}\t{word} {word}" for label, word in [("pos", "good"), ("neg", "bad")] * 8]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "test.tsv").write_text("pos\tgood\nneg\tbad\n")
+    with pytest.raises(PluginError, match="token ids"):
+        tiny_run(jsigr, NAME, tmp_path / "run", overrides=[
+            "data.name=text", f"data.root={tmp_path}", "data.max_length=3", "data.train_size=null",
+            "data.test_size=null", "model.name=text-classifier", "model.args={embedding_dim: 8, channels: 8}"])

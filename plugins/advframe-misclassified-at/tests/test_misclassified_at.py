@@ -129,6 +129,41 @@ def test_overfitting_gap_prefers_the_validation_split():
     assert a3t.overfitting_gap([]) == {}
 
 
+@pytest.mark.parametrize("mode", ["pred_label", "clean"])
+def test_runs_on_tabular_features_with_an_mlp(tmp_path, mode):
+    """Feature-space attacks on scikit-learn's breast-cancer set with the core's MLP."""
+    results = tiny_run(a3t, NAME, tmp_path / "run", overrides=[
+        "data.name=breast-cancer", "data.train_size=null", "data.test_size=null", "model.name=mlp",
+        "model.args={hidden: [32]}", "attack.eps=0.05", "train.epochs=3", "train.monitor_examples=0",
+        f"plugins.{NAME}.misclassified_mode={mode}", f"plugins.{NAME}.label_noise=0.1"])
+    assert results["metrics"]["clean_accuracy"] > 0.8
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < line["noisy_label_fraction"] < 0.3 and "misclassified_fraction" in line
+
+
+def write_text_data(root):
+    """72 distinct short reviews (label noise hashes by content, so repeated texts would share a label)."""
+    good, bad = ["wonderful", "delightful", "great", "moving", "superb", "charming"], \
+        ["dull", "boring", "awful", "terrible", "tedious", "clumsy"]
+    rows = [f"{label}\t{a} and {b} film" for label, words in (("pos", good), ("neg", bad)) for a in words for b in words]
+    (root / "train.tsv").write_text("\n".join(rows) + "\n")
+    (root / "test.tsv").write_text("pos\tgreat wonderful film\nneg\tboring awful mess\npos\tgreat great moving\n")
+
+
+@pytest.mark.parametrize("mode", ["pred_label", "clean"])
+def test_runs_on_text_with_embedding_space_attacks(tmp_path, mode):
+    write_text_data(tmp_path)
+    results = tiny_run(a3t, NAME, tmp_path / "run", overrides=[
+        "data.name=text", f"data.root={tmp_path}", "data.max_length=6", "data.train_size=null",
+        "data.test_size=null", "model.name=text-classifier", "model.args={embedding_dim: 16, channels: 16}",
+        "train.epochs=5", "attack.eps=1.0", "attack.norm=l2", "train.monitor_examples=0",
+        "eval.attacks=[{name: test-pgd, steps: 5, alpha: 0.3}]", f"plugins.{NAME}.misclassified_mode={mode}",
+        f"plugins.{NAME}.label_noise=0.2"])
+    assert 0.0 <= results["metrics"]["robust_accuracy"] <= results["metrics"]["clean_accuracy"]
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < line["noisy_label_fraction"] < 0.5  # token ids hash to stable noisy labels too
+
+
 @pytest.mark.parametrize("overrides", [[f"plugins.{NAME}.misclassified_mode=boundary"],
                                        [f"plugins.{NAME}.label_noise=1.5"],
                                        [f"plugins.{NAME}.label_noise=0.2", "data.augment=flip"]])
