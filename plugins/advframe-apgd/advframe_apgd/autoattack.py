@@ -10,15 +10,15 @@ the components, as AutoAttack reports it. The reference's ``standard`` version r
 
 * ``apgd-ce``, ``apgd-dlr``, ``apgd-t``: this package's APGD (``steps`` iterations, ``apgd_restarts``
   restarts for APGD-CE/DLR, one per target for APGD-T, as the reference);
-* ``margin-t``: **stands in for FAB-T**, which is not implemented: PGD (``advframe.attacks.pgd``, step
-  2.5 eps / steps, uniform start) raising the Carlini-Wagner margin of a target class,
-  ``z_t - max_{i != t} z_i``, for each of the same ``target_classes`` classes ranked after the true one
-  at the clean input, each on the examples still robust, stopping at misclassification. Like FAB-T
-  it is a targeted attack with a different objective from APGD-T's DLR; unlike FAB-T it does not look
-  for the minimal perturbation, only for one inside the ball;
+* ``fab-t``: FAB-T (``advframe_apgd.fab``), ``steps`` iterations for each of the ``target_classes``
+  targets, from the clean input, as the reference; an example is broken when a misclassified point
+  within ``eps`` is found;
+* ``margin-t`` (not in the reference, not in the default list): PGD (``advframe.attacks.pgd``, step
+  2.5 eps / steps, uniform start) raising the Carlini-Wagner margin ``z_t - max_{i != t} z_i`` of
+  each of the same target classes, stopping at misclassification; a cheaper targeted component;
 * ``square``: the ``square`` plugin (another package), called through ``ctx.attack`` with its own
   settings (``plugins.square``) plus the ``square`` overrides below. If it is not installed the
-  component is skipped with a warning, and ``autoattack/skipped/square`` = 1 is reported.
+  component is skipped with a warning, and ``<label>/skipped/square`` = 1 is reported.
 
 Per-component results (robust accuracy after each component, which component broke how many
 examples, skipped components) are reported by this plugin's ``evaluate`` hook: add ``autoattack`` to
@@ -27,10 +27,10 @@ its own in advframe 0.1). The ``rand`` version (EOT for randomised defenses) is 
 
 Settings (``plugins.autoattack``, or per use in ``eval.attacks``), with defaults::
 
-    components: [apgd-ce, apgd-t, margin-t, square]   # order of the ensemble (custom lists allowed)
-    steps: 100                # iterations of the APGD components and of margin-t (reference 100)
+    components: [apgd-ce, apgd-t, fab-t, square]   # the reference's "standard" order (custom lists allowed)
+    steps: 100                # iterations of the APGD, FAB-T and margin-t components (reference 100)
     apgd_restarts: 1          # restarts of apgd-ce / apgd-dlr (reference standard: 1)
-    target_classes: 9         # targets of apgd-t and margin-t (reference 9; at most classes - 1)
+    target_classes: 9         # targets of apgd-t, fab-t and margin-t (reference 9; at most classes - 1)
     square: {budget: 5000, p_init: 0.8}   # overrides for the square plugin (the reference's Square)
 
 Threat models L-inf and L2, untargeted (``targeted: true`` is rejected: AutoAttack measures
@@ -51,10 +51,11 @@ from advframe.context import attack_label
 from advframe.losses import margin
 from advframe.models import eval_mode, unwrap
 from advframe_apgd import apgd, apgd_targeted, check_settings
+from advframe_apgd.fab import fab_targeted
 
-COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "margin-t", "square")
+COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "margin-t", "square")
 DEFAULTS = {
-    "components": ["apgd-ce", "apgd-t", "margin-t", "square"],
+    "components": ["apgd-ce", "apgd-t", "fab-t", "square"],
     "steps": 100,
     "apgd_restarts": 1,
     "target_classes": 9,
@@ -85,7 +86,7 @@ def check(params: dict, num_classes: int) -> None:
     loss = "dlr-targeted" if "apgd-t" in components else "dlr" if "apgd-dlr" in components else "ce"
     check_settings({"norm": params["norm"], "steps": params["steps"], "rho": 0.75, "momentum": 0.75, "loss": loss,
                     "target_classes": params["target_classes"]}, num_classes, "autoattack")
-    if "margin-t" in components and not 1 <= params["target_classes"] < num_classes:
+    if {"fab-t", "margin-t"} & components and not 1 <= params["target_classes"] < num_classes:
         raise PluginError(f"autoattack: target_classes must be between 1 and {num_classes - 1}, "
                           f"got {params['target_classes']}")
 
@@ -137,6 +138,9 @@ def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Te
                 found = apgd(model, x, y, loss=component[5:], restarts=params["apgd_restarts"], **common).adversarial
             elif component == "apgd-t":
                 found = apgd_targeted(model, x, y, target_classes=params["target_classes"], **common).adversarial
+            elif component == "fab-t":
+                found, _ = fab_targeted(model, x, y, eps=params["eps"], norm=params["norm"], steps=params["steps"],
+                                        target_classes=params["target_classes"])
             elif component == "margin-t":
                 found = targeted_margin(model, x, y, params, ctx)
             else:

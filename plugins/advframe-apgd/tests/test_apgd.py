@@ -4,7 +4,7 @@ import warnings
 import advframe_apgd
 import pytest
 import torch
-from advframe_apgd import autoattack, masking
+from advframe_apgd import autoattack, fab, masking
 from torch import nn
 
 from advframe import PluginError, hookimpl
@@ -162,9 +162,9 @@ def test_autoattack_worst_case_is_never_above_any_component(trained):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ensemble, adversarial = robust_accuracy(trained, "autoattack", inputs, labels,
-                                                components=["apgd-ce", "apgd-t", "margin-t"], **settings)
+                                                components=["apgd-ce", "apgd-t", "fab-t", "margin-t"], **settings)
         singles = {c: robust_accuracy(trained, "autoattack", inputs, labels, components=[c], **settings)
-                   for c in ("apgd-ce", "apgd-t", "margin-t")}
+                   for c in ("apgd-ce", "apgd-t", "fab-t", "margin-t")}
     assert (adversarial - inputs).abs().max() <= 0.08 + 1e-6
     assert ensemble <= min(accuracy for accuracy, _ in singles.values())
     assert ensemble < accuracy(trained.model, inputs, labels) - 0.2
@@ -203,7 +203,8 @@ def test_autoattack_reports_components_and_runs_each_on_the_still_robust_points(
     FakeSquare.batches.clear()
     results = Run.start(host, config, tmp_path / "run").execute()
     metrics = results["metrics"]
-    after = [metrics[f"autoattack-10/robust_accuracy_after/{c}"] for c in ("apgd-ce", "apgd-t", "margin-t", "square")]
+    components = ("apgd-ce", "apgd-t", "fab-t", "square")
+    after = [metrics[f"autoattack-10/robust_accuracy_after/{c}"] for c in components]
     assert after == sorted(after, reverse=True)  # cumulative: never rises
     assert after[-1] == pytest.approx(metrics["robust_accuracy"])
     assert metrics["autoattack-10/robust_accuracy"] == pytest.approx(metrics["robust_accuracy"])
@@ -222,6 +223,52 @@ def test_autoattack_skips_missing_square_with_a_warning_in_the_metrics(tmp_path)
         metrics = Run.start(host, config, tmp_path / "run").execute()["metrics"]
     assert metrics["autoattack-5/skipped/square"] == 1.0
     assert "autoattack-5/robust_accuracy_after/square" not in metrics
+
+
+# -- FAB-T ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_boxed_projection_reaches_the_hyperplane_with_the_smallest_step_inside_the_box(norm):
+    generator = torch.Generator().manual_seed(0)
+    points, w = torch.rand(300, 40, generator=generator), torch.randn(300, 40, generator=generator)
+    w[:, :4] = 0  # coordinates that cannot help must not move
+    b = (w * points).sum(1) + 20 * torch.randn(300, generator=generator)
+    step = fab.boxed_projection(points, w, b, norm)
+    gap = b - (w * points).sum(1)
+    room = torch.where(torch.sign(w) * torch.sign(gap)[:, None] > 0, 1 - points, points)
+    feasible = (w.abs() * room).sum(1) >= gap.abs()
+    assert 0.3 < feasible.float().mean() < 1  # both cases occur
+    reached = (w * (points + step)).sum(1) - b
+    assert reached.abs().max() < 1e-4  # infeasible rows ignore the box, as the reference
+    inside = points[feasible] + step[feasible]
+    assert inside.min() >= -1e-6 and inside.max() <= 1 + 1e-6
+    assert (step[:, :4] == 0).all()
+    if norm == "linf":  # a step any smaller cannot reach the hyperplane
+        size = step.abs().amax(1, keepdim=True)
+        assert ((w.abs() * torch.minimum(room, 0.999 * size)).sum(1) < gap.abs())[feasible].all()
+    else:  # optimality: the coordinates not at the box all move by the same multiple of w
+        multiple = step / (w * torch.sign(gap)[:, None])
+        free = (step.abs() < room - 1e-5) & (w != 0) & feasible[:, None]
+        spread = [multiple[i][free[i]].max() - multiple[i][free[i]].min() for i in range(300) if free[i].sum() > 1]
+        assert max(spread) < 1e-5
+
+
+def test_fab_t_finds_small_perturbations(trained):
+    inputs, labels = batch(trained, 100)
+    # a huge budget: FAB-T still returns the smallest adversarial point it met on its way to the boundary
+    adversarial, broken = fab.fab_targeted(trained.model, inputs, labels, eps=1.0, steps=30, target_classes=2)
+    with torch.no_grad():
+        clean = trained.model(inputs).argmax(1) == labels
+        wrong = trained.model(adversarial).argmax(1) != labels
+    assert broken.float().mean() > 0.9 * clean.float().mean()
+    assert (wrong | ~broken).all() and not (broken & ~clean).any()
+    size = (adversarial - inputs)[broken].flatten(1).abs().amax(1)
+    pgd_size = 0.15  # PGD at this eps leaves about a third of these examples robust (see above)
+    assert size.median() < pgd_size
+    # within a budget, FAB-T breaks no example beyond it
+    capped, broken_capped = fab.fab_targeted(trained.model, inputs, labels, eps=0.08, steps=30, target_classes=2)
+    assert (capped - inputs).abs().max() <= 0.08 + 1e-6
+    assert broken_capped.sum() < broken.sum()
 
 
 # -- gradient masking ---------------------------------------------------------------------------------
