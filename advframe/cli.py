@@ -91,7 +91,7 @@ def _print_results(results: dict, out_dir: Path | None) -> None:
 
 
 def _format(key: str, value: float) -> str:
-    return f"{100 * value:.1f}%" if "accuracy" in key else f"{value:.2f}"
+    return f"{100 * value:.1f}%" if "accuracy" in key or "_rate" in key else f"{value:.2f}"
 
 
 def _version(ctx, param, value):
