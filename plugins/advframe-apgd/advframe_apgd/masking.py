@@ -13,8 +13,8 @@ it was computed from; ``gradient_masking/any_flag`` is 1 when any flag is raised
 ``eval.evaluators: [gradient-masking]``; the results land in ``results.json`` with every other metric.
 
 The threat model is the run's (``attack.eps``, ``attack.norm``). Robust accuracies count an example as
-robust only if its clean input is classified correctly. Measurements, on the first ``max_examples``
-evaluation examples:
+robust only if its clean input is classified correctly. Measurements, on ``max_examples`` evaluation
+examples (a fixed random subset: evaluation splits are often sorted by class):
 
 * white-box: PGD (``steps`` steps, step 2.5 eps / steps, uniform start, stop on success) and FGSM
   (one step of size eps from the clean input) on cross-entropy, and APGD-DLR (``apgd_steps`` steps;
@@ -49,6 +49,7 @@ import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import misclassified, pgd, random_delta
+from advframe.data import SPLIT_SEED
 from advframe_apgd import NORMS, apgd
 
 DEFAULTS = {
@@ -158,7 +159,9 @@ def evaluate(model, dataset, ctx):
     settings = ctx.settings
     check(settings)
     if settings["max_examples"] and settings["max_examples"] < len(dataset):
-        dataset = dataset.subset(torch.arange(settings["max_examples"]))
+        # a fixed random subset, not the first examples: evaluation splits are often sorted by class
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        dataset = dataset.subset(order[: settings["max_examples"]].sort().values)
     black_box = black_box_settings(ctx, settings["black_box"])
     rows: dict[str, list[torch.Tensor]] = {}
     for inputs, labels in dataset.batches(ctx.config["eval"]["batch_size"], ctx.device):

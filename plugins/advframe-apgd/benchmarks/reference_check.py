@@ -96,7 +96,9 @@ def main(argv=None) -> None:
         sys.exit(0)
     torch.set_num_threads(1)
     splits = data.load({"name": "mnist"})
-    inputs, labels = splits.test.batch(torch.arange(args.examples))
+    # a fixed random subset (the test split is sorted by class)
+    order = torch.randperm(len(splits.test), generator=torch.Generator().manual_seed(data.SPLIT_SEED))
+    inputs, labels = splits.test.batch(order[: args.examples].sort().values)
     rows: dict[str, dict[str, list]] = {}
     for seed in range(args.seeds):
         model = train(splits, args.epochs, ATTACK_EPS, seed)
