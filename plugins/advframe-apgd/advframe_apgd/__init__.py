@@ -190,18 +190,19 @@ def single_run(model, inputs, index, objective, succeeded, *, eps, norm, steps, 
 
 
 def run_apgd(model, inputs, objective, succeeded, *, eps, norm, steps, restarts=1, rho=0.75,
-             momentum=0.75, stop_on_success=True, generator=None, init=None, todo=None,
+             momentum=0.75, stop_on_success=True, generator=None, init=None,
              result: Outcome | None = None) -> Outcome:
-    """APGD with restarts on ``inputs[todo]``; each restart attacks only the examples not broken yet.
+    """APGD with restarts; each restart attacks only the examples not broken yet.
 
-    ``result`` (updated in place and returned) holds what earlier attacks found for the whole batch.
+    ``result`` (updated in place and returned) holds what earlier runs found for the whole batch; its
+    successful examples are not attacked.
     """
     model = unwrap(model)
     n = len(inputs)
     if result is None:
         result = Outcome(inputs.clone(), torch.zeros(n, dtype=torch.bool, device=inputs.device),
                          torch.full((n,), float("-inf"), device=inputs.device))
-    todo = torch.arange(n, device=inputs.device) if todo is None else todo
+    todo = torch.arange(n, device=inputs.device)
     with eval_mode(model), torch.enable_grad():
         for restart in range(restarts):
             todo = todo[~result.success[todo]]
@@ -257,17 +258,14 @@ def apgd(model, inputs, labels, *, eps, norm="linf", steps=100, loss="ce", resta
 
 
 def apgd_targeted(model, inputs, labels, *, eps, norm="linf", steps=100, target_classes=9, restarts=1, rho=0.75,
-                  momentum=0.75, stop_on_success=True, generator=None, init=None, todo=None,
-                  result: Outcome | None = None) -> Outcome:
+                  momentum=0.75, stop_on_success=True, generator=None, init=None) -> Outcome:
     """APGD-T: targeted DLR towards the 2nd, 3rd, ... most likely classes at the clean input, each target
     (with ``restarts`` restarts) run only on the examples still correctly classified."""
     model = unwrap(model)
     with torch.no_grad(), eval_mode(model):
         ranking = model(inputs).argsort(1, descending=True)
-    if result is None:
-        done = ranking[:, 0] != labels if stop_on_success else torch.zeros_like(labels, dtype=torch.bool)
-        result = Outcome(inputs.clone(), done, torch.full((len(inputs),), float("-inf"), device=inputs.device))
-    todo = torch.arange(len(inputs), device=inputs.device) if todo is None else todo
+    done = ranking[:, 0] != labels if stop_on_success else torch.zeros_like(labels, dtype=torch.bool)
+    result = Outcome(inputs.clone(), done, torch.full((len(inputs),), float("-inf"), device=inputs.device))
 
     def succeeded(logits, rows):
         return misclassified(logits, labels[rows])
@@ -279,10 +277,10 @@ def apgd_targeted(model, inputs, labels, *, eps, norm="linf", steps=100, target_
             return dlr_targeted(logits, labels[rows], targets[rows])
 
         # best losses of different targets are not comparable: start each target's record afresh
-        result.best_loss[todo] = float("-inf")
+        result.best_loss.fill_(float("-inf"))
         run_apgd(model, inputs, objective, succeeded, eps=eps, norm=norm, steps=steps, restarts=restarts,
                  rho=rho, momentum=momentum, stop_on_success=stop_on_success, generator=generator,
-                 init=init if rank == 1 else None, todo=todo, result=result)
+                 init=init if rank == 1 else None, result=result)
     return result
 
 
