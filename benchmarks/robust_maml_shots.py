@@ -55,14 +55,14 @@ STEPS_SHOTS = (1, 5)
 ID_COLUMNS = ("intrinsic_dimension/twonn", "intrinsic_dimension/mle", "intrinsic_dimension/pca")
 
 
-def method(kind: str, shots: int, steps: int = 1) -> bench.Method:
+def method(kind: str, shots: int, steps: int = 1, second_order: bool = False) -> bench.Method:
     plugin = "maml" if kind == "standard" else "robust-maml"
-    overrides = [f"meta.train_shots={shots}", f"plugins.{plugin}.first_order=true",
+    overrides = [f"meta.train_shots={shots}", f"plugins.{plugin}.first_order={not second_order}",
                  f"plugins.{plugin}.inner_steps={steps}"]
     if kind == "robust":
         overrides += ["plugins.robust-maml.regulariser=at", "plugins.robust-maml.weight=1",
                       "plugins.robust-maml.adversary=fgsm-rs"]
-    return bench.Method(f"{kind} K{shots} s{steps}", plugin, overrides)
+    return bench.Method(f"{kind} K{shots} s{steps}" + (" second-order" if second_order else ""), plugin, overrides)
 
 
 def shared_overrides(args) -> list[str]:
@@ -130,6 +130,18 @@ def steps_table(grouped) -> str:
     return "\n".join(lines) + "\n"
 
 
+def order_table(grouped) -> str:
+    header = ["method", "K_train", "clean %", "PGD-10 robust %", "ID TwoNN", "grad. evals", "process s", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for second_order in (False, True):
+        runs = grouped[method("standard", 1, second_order=second_order).label]
+        lines.append("| " + " | ".join([
+            "MAML (second order)" if second_order else "FOMAML (first order)", "1", cell(runs, "clean_accuracy"),
+            cell(runs, "robust_accuracy"), cell(runs, ID_COLUMNS[0], 1.0, 2), cost(runs, "gradient_evaluations"),
+            cost(runs, "process_seconds"), cost(runs, "wall_seconds")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def checks(grouped, with_steps: bool) -> str:
     """METHODS.md's pass criteria for the small check, each with the numbers behind it."""
     def mean(kind, shots, key, steps=1, scale=100.0):
@@ -171,6 +183,8 @@ def main() -> None:
     parser.add_argument("--test-tasks", type=int, default=100)
     parser.add_argument("--steps", action=argparse.BooleanOptionalAction, default=True,
                         help="also meta-train robust K1/K5 with 3 inner steps")
+    parser.add_argument("--second-order", action=argparse.BooleanOptionalAction, default=True,
+                        help="also meta-train standard MAML K1 with second-order meta-gradients")
     parser.add_argument("--only", action="append", default=[],
                         help="run only the cells with this label (e.g. 'robust K1 s1'); no tables")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
@@ -183,6 +197,8 @@ def main() -> None:
     methods = [method(kind, shots) for kind in ("standard", "robust") for shots in SHOTS]
     if args.steps:
         methods += [method("robust", shots, 3) for shots in STEPS_SHOTS]
+    if args.second_order:
+        methods.append(method("standard", 1, second_order=True))
     if args.only:
         unknown = set(args.only) - {m.label for m in methods}
         if unknown:
@@ -206,6 +222,9 @@ def main() -> None:
     if args.steps:
         report += "\nInner-steps sensitivity (robust MAML meta-trained with s = 1 or 3 inner steps):\n\n" + \
             steps_table(grouped)
+    if args.second_order:
+        report += "\nFirst- against second-order MAML (the standard K1 cell, same budget in meta-iterations):\n\n" + \
+            order_table(grouped)
     report += "\nThe claims, as METHODS.md's small check states them:\n\n" + checks(grouped, args.steps)
     atomic_write_text(args.out / "robust_maml_shots.md", report)
     bench.write_runs_csv(args.out / "runs.csv", records)
