@@ -44,6 +44,8 @@ Settings (``plugins.pnode``)::
     atol: 1.0e-3      # adaptive solvers (official 1e-3)
     max_steps: 1000   # adaptive solvers: at most this many steps per solve
     adjoint: false    # true: torchdiffeq's adjoint method for the backward pass (official: false)
+    zero_init: true   # start f_psi at 0 (the last GroupNorm's scale): the flow starts as the identity;
+                      # false = PyTorch's default initialisation, as the official code (see the README)
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
 @hookimpl
 def default_config():
     return {"scale": 20.0, "ode_time": 4.0, "ode_layers": 3, "solver": "rk4", "steps": 8, "rtol": 1.0e-3,
-            "atol": 1.0e-3, "max_steps": 1000, "adjoint": False}
+            "atol": 1.0e-3, "max_steps": 1000, "adjoint": False, "zero_init": True}
 
 
 @hookimpl
@@ -109,13 +111,16 @@ class TimeConv(nn.Module):
 
 
 class ODEFunc(nn.Module):
-    """f_psi(z, t): GroupNorm, then ``layers`` x [ReLU, time-conditioned conv, GroupNorm]."""
+    """f_psi(z, t): GroupNorm, then ``layers`` x [ReLU, time-conditioned conv, GroupNorm]; with
+    ``zero_init`` the last GroupNorm's scale starts at 0."""
 
-    def __init__(self, channels: int, layers: int = 3):
+    def __init__(self, channels: int, layers: int = 3, zero_init: bool = True):
         super().__init__()
         self.norm = group_norm(channels)
         self.convs = nn.ModuleList(TimeConv(channels) for _ in range(layers))
         self.norms = nn.ModuleList(group_norm(channels) for _ in range(layers))
+        if zero_init:  # f_psi = 0 at the start: the flow begins as the identity map
+            nn.init.zeros_(self.norms[-1].weight)
         self.nfe = 0
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -130,9 +135,9 @@ class ODEBlock(nn.Module):
     """z(0) -> z(T) with a torchdiffeq solver; gradients flow through the solver (or the adjoint)."""
 
     def __init__(self, channels: int, *, ode_time=4.0, ode_layers=3, solver="rk4", steps=8, rtol=1e-3, atol=1e-3,
-                 max_steps=1000, adjoint=False):
+                 max_steps=1000, adjoint=False, zero_init=True):
         super().__init__()
-        self.func = ODEFunc(channels, ode_layers)
+        self.func = ODEFunc(channels, ode_layers, zero_init)
         self.time, self.solver, self.steps = float(ode_time), solver, steps
         self.rtol, self.atol, self.max_steps, self.adjoint = rtol, atol, max_steps, adjoint
 
@@ -172,7 +177,7 @@ def setup(model, ctx):
     check_settings(settings)
     channels = feature_channels(model, ctx)
     ode = ODEBlock(channels, **{key: settings[key] for key in ("ode_time", "ode_layers", "solver", "steps", "rtol",
-                                                                 "atol", "max_steps", "adjoint")})
+                                                                 "atol", "max_steps", "adjoint", "zero_init")})
     return ODEEncoder(model, ode)
 
 
