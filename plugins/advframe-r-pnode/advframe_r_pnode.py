@@ -85,8 +85,9 @@ ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
 @hookimpl
 def default_config():
     return {"scale": 20.0, "ode_time": 4.0, "ode_layers": 3, "solver": "rk4", "steps": 8, "rtol": 1.0e-3,
-            "atol": 1.0e-3, "max_steps": 1000, "adjoint": False, "zero_init": True, "cluster_weight": 1.0, "cluster_sets": "both",
-            "separation_weight": 0.0, "consistency_weight": 1.0, "consistency": "features", "noise_std": 0.1}
+            "atol": 1.0e-3, "max_steps": 1000, "adjoint": False, "zero_init": True, "cluster_weight": 1.0,
+            "cluster_sets": "both", "separation_weight": 0.0, "consistency_weight": 1.0, "consistency": "features",
+            "noise_std": 0.1}
 
 
 @hookimpl
@@ -108,7 +109,8 @@ def check_settings(settings: dict) -> None:
         raise PluginError(f"r-pnode: plugins.r-pnode.cluster_sets must be both, support or query, "
                           f"got {settings['cluster_sets']!r}")
     if settings["consistency"] not in ("features", "kl"):
-        raise PluginError(f"r-pnode: plugins.r-pnode.consistency must be features or kl, got {settings['consistency']!r}")
+        raise PluginError(f"r-pnode: plugins.r-pnode.consistency must be features or kl, "
+                          f"got {settings['consistency']!r}")
     if settings["solver"] not in FIXED_STEP | ADAPTIVE:
         raise PluginError(f"r-pnode: plugins.r-pnode.solver must be a torchdiffeq method "
                           f"({', '.join(sorted(FIXED_STEP | ADAPTIVE))}), got {settings['solver']!r}")
@@ -262,7 +264,8 @@ def episode_losses(model: nn.Module, task: Task, settings: dict, generator: torc
     logits = prototype_logits(features[shots:], centres, size, scale)
     losses = {"seg_loss": F.cross_entropy(logits, task.query_labels)}
     if settings["cluster_weight"] > 0:
-        pooled = {"both": slice(None), "support": slice(0, shots), "query": slice(shots, None)}[settings["cluster_sets"]]
+        sets = {"both": slice(None), "support": slice(0, shots), "query": slice(shots, None)}
+        pooled = sets[settings["cluster_sets"]]
         labels = torch.cat([masks, task.query_labels])
         losses["cluster_loss"] = cluster_loss(features[pooled], labels[pooled], centres)
     if settings["separation_weight"] > 0:
