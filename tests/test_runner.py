@@ -106,7 +106,8 @@ def run_script(tmp_path, *args, kill_at=None):
                                 'import pgd_at_test\nhost = make_host((Killer(), "killer"), (pgd_at_test, "pgd-at-test"))')
     (tmp_path / "runscript.py").write_text(script)
     (tmp_path / "pgd_at_test.py").write_text(TEST_PGD_AT)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "KILL_AT_STEP": str(kill_at if kill_at is not None else -1)}
+    kill_step = str(kill_at if kill_at is not None else -1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path), "KILL_AT_STEP": kill_step}
     return subprocess.run([sys.executable, str(tmp_path / "runscript.py"), *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
