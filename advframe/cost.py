@@ -4,14 +4,24 @@
 builds a graph (each such pass is followed by one backward pass). A PGD-10 step on a batch of 128
 costs 128; TRADES' outer loss (clean and adversarial forward passes) costs 256. Forward passes under
 ``torch.no_grad`` cost nothing here.
+
+Query-based (score-based black-box) attacks count queries instead: every model call goes through a
+:class:`QueryCounter`. The book-keeping they all share is here too: :func:`check_query_settings`
+(the ``budget`` and ``norm`` checks), :class:`QueryBatch` (the clean query, which examples count,
+which have succeeded, which can still afford an iteration) and :class:`QueryResult` (what an
+attack returns and reports to ``ctx.record_queries``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from advframe.attacks import misclassified
+from advframe.errors import PluginError
 
 
 class GradientCounter:
@@ -71,8 +81,6 @@ class QueryCounter:
         self.attack = attack
 
     def __call__(self, inputs: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        from advframe.errors import PluginError
-
         index = torch.arange(len(inputs)) if index is None else index.cpu()
         if len(index) != len(inputs):
             raise ValueError(f"{len(inputs)} inputs but {len(index)} indices")
@@ -95,3 +103,86 @@ class QueryCounter:
     @property
     def total(self) -> int:
         return int(self.counts.sum())
+
+
+def check_query_settings(name: str, params: dict, norms: tuple[str, ...] = ("linf", "l2")) -> int:
+    """The settings every query-based attack shares: ``params["budget"]`` must be a whole number of
+    queries >= 1 and ``params["norm"]`` one of ``norms``; each mistake is a one-line
+    :class:`~advframe.PluginError` naming the attack. Returns the budget."""
+    budget = params["budget"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise PluginError(f"{name}: budget must be a whole number of queries >= 1, got {budget!r}")
+    if params["norm"] not in norms:
+        raise PluginError(f"{name} supports norm {' or '.join(norms)}, got {params['norm']!r}; "
+                          f"set attack.norm to one of them")
+    return budget
+
+
+class QueryResult(NamedTuple):
+    """A query-based attack's outcome on one batch, one row per example."""
+
+    adversarial: torch.Tensor  # the returned points (the clean input where the example does not count)
+    queries: torch.Tensor  # queries spent per example, the clean query included
+    success: torch.Tensor  # reached the goal: wrong class, or the target class
+    counted: torch.Tensor  # attacked: the clean input was not already a success
+
+    def report(self, ctx) -> torch.Tensor:
+        """Record the queries with ``ctx.record_queries`` and return the adversarial batch (what
+        ``generate_perturbation`` returns)."""
+        ctx.record_queries(self.queries, self.success, counted=self.counted)
+        return self.adversarial
+
+
+class QueryBatch:
+    """One batch under a query-based attack: the book-keeping every such attack shares.
+
+    On creation it makes the :class:`QueryCounter` (unless the caller passes its own, to continue
+    its count) and spends the clean query: examples the model already gets wrong (in targeted mode:
+    already at the target) are not attacked and do not count. A caller that knows which examples to
+    attack passes ``counted`` and no clean query is spent (``clean_scores`` is then None).
+
+    :param budget: per-example query budget of a new counter (the clean query included).
+    :param scores: ``"logits"`` or ``"probabilities"``, for a new counter.
+    :param attack: the attack's name, for the counter's messages.
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *, targeted: bool,
+                 budget: int | None, attack: str, scores: str = "logits", counter: QueryCounter | None = None,
+                 counted: torch.Tensor | None = None):
+        self.counter = counter or QueryCounter(model, len(inputs), budget=budget, scores=scores, attack=attack)
+        self.inputs, self.labels, self.targeted = inputs.detach(), labels.detach(), targeted
+        self.every = torch.arange(len(inputs), device=inputs.device)
+        self.success = torch.zeros(len(inputs), dtype=torch.bool, device=inputs.device)
+        self.clean_scores = None
+        if counted is None:
+            self.clean_scores = self.counter(self.inputs, self.every)
+            self.success = misclassified(self.clean_scores, self.labels, targeted)
+            counted = ~self.success
+        self.counted = counted.to(inputs.device)
+
+    def active(self, needed: int = 1) -> torch.Tensor:
+        """Indices of the examples still attacked: counted, not yet successful, and with at least
+        ``needed`` queries left (what one more iteration costs)."""
+        left = self.counter.remaining(self.every).to(self.inputs.device)
+        return self.every[self.counted & ~self.success & (left >= needed)]
+
+    def query(self, points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Query ``points`` (rows of examples ``index``), mark those that succeed there; the scores."""
+        scores = self.counter(points, index)
+        self.success[index] = misclassified(scores, self.labels[index], self.targeted)
+        return scores
+
+    def start(self, delta: torch.Tensor, moved: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Query each attacked example's starting point ``inputs + delta``: the examples and their
+        scores. With ``moved=False`` (the attack starts at the clean input, no ``init``) the clean
+        query already was that point and nothing is spent, unless the caller skipped it."""
+        todo = self.active()
+        if len(todo) == 0 or (not moved and self.clean_scores is not None):
+            return todo, None
+        return todo, self.query(self.inputs[todo] + delta[todo], todo)
+
+    def result(self, delta: torch.Tensor) -> QueryResult:
+        """``inputs + delta`` for the counted examples (the clean input elsewhere), the counts so far."""
+        shape = (-1, *[1] * (self.inputs.dim() - 1))
+        adversarial = torch.where(self.counted.view(shape), self.inputs + delta, self.inputs)
+        return QueryResult(adversarial.detach(), self.counter.counts.clone(), self.success, self.counted)

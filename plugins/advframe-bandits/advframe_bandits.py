@@ -51,14 +51,12 @@ takes the official value for the norm)::
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
-from advframe.attacks import ascent_direction, misclassified, project
-from advframe.cost import QueryCounter
+from advframe.attacks import ascent_direction, project
+from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings
 
 DEFAULTS = {"budget": 1000, "tiling": True, "prior_size": 7, "fd_eta": None, "lr": None, "online_lr": None,
             "exploration": None, "targeted": False}
@@ -66,13 +64,6 @@ DEFAULTS = {"budget": 1000, "tiling": True, "prior_size": 7, "fd_eta": None, "lr
 OFFICIAL = {"linf": {"fd_eta": 0.1, "lr": 0.2, "online_lr": 100.0, "exploration": 1.0},
             "l2": {"fd_eta": 0.01, "lr": 0.1, "online_lr": 0.1, "exploration": 0.01}}
 OFFICIAL_PRIOR_DIM = 3 * 50 * 50
-
-
-class QueryResult(NamedTuple):
-    adversarial: torch.Tensor  # one row per example
-    queries: torch.Tensor  # queries spent per example
-    success: torch.Tensor  # reached the goal: wrong class, or the target class
-    counted: torch.Tensor  # attacked: the clean input was not already a success
 
 
 @hookimpl
@@ -110,11 +101,7 @@ def resolve(norm: str, fd_eta=None, lr=None, online_lr=None, exploration=None, e
 
 
 def check_settings(params: dict) -> None:
-    budget = params["budget"]
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise PluginError(f"bandits: budget must be a whole number of queries >= 1, got {budget!r}")
-    if params["norm"] not in ("linf", "l2"):
-        raise PluginError(f"bandits supports norm linf or l2, got {params['norm']!r}; set attack.norm to one of them")
+    check_query_settings("bandits", params)
     if params["prior_size"] < 1:
         raise PluginError(f"bandits: prior_size must be >= 1, got {params['prior_size']}")
     for key in ("fd_eta", "lr", "online_lr", "exploration"):
@@ -140,34 +127,23 @@ def bandits_attack(model, inputs, labels, *, eps: float, norm: str = "linf", bud
     side = (prior_size, prior_size) if tiling else (h, w)
     dim = c * side[0] * side[1]
     steps = resolve(norm, fd_eta, lr, online_lr, exploration, eps, dim)
-    counter = counter or QueryCounter(model, n, budget=budget, attack="bandits")
-    inputs, labels = inputs.detach(), labels.detach()
-    every = torch.arange(n, device=inputs.device)
-    success = torch.zeros(n, dtype=torch.bool, device=inputs.device)
+    batch = QueryBatch(model, inputs, labels, targeted=targeted, budget=budget, attack="bandits", counter=counter,
+                       counted=counted)
+    inputs, labels = batch.inputs, batch.labels
     delta = torch.zeros_like(inputs) if init is None else project(init.detach().to(inputs), inputs, eps, norm)
-    clean_query = counted is None
-    if clean_query:
-        success = misclassified(counter(inputs, every), labels, targeted)
-        counted = ~success
-    counted = counted.to(inputs.device)
-    todo = every[counted & (counter.remaining(every).to(inputs.device) > 0)]
-    if len(todo) and (init is not None or not clean_query):  # the walk's starting point
-        success[todo] = misclassified(counter(inputs[todo] + delta[todo], todo), labels[todo], targeted)
+    batch.start(delta, moved=init is not None)  # the walk's starting point
     prior = torch.zeros(n, c, *side, device=inputs.device)
 
     def upsample(t):
         return F.interpolate(t, size=(h, w), mode="nearest")
 
-    while True:
-        todo = every[counted & ~success & (counter.remaining(every).to(inputs.device) >= 3)]
-        if len(todo) == 0:
-            break
+    while len(todo := batch.active(needed=3)):  # two probes and the check at the new iterate
         x, y, v = inputs[todo] + delta[todo], labels[todo], prior[todo]
         noise = steps["exploration"] * torch.randn(v.shape, generator=generator).to(v) / dim ** 0.5
         up_plus, up_minus = upsample(v + noise), upsample(v - noise)
         # two calls: a counter call counts each example once, so its rows must be distinct examples
         plus, minus = ((x + steps["fd_eta"] * up / flat_norm(up)).clamp(0, 1) for up in (up_plus, up_minus))
-        losses = [objective(counter(probe, todo), y, targeted) for probe in (plus, minus)]
+        losses = [objective(batch.counter(probe, todo), y, targeted) for probe in (plus, minus)]
         derivative = (losses[0] - losses[1]) / (steps["fd_eta"] * steps["exploration"])
         gradient = derivative.view(-1, 1, 1, 1) * noise
         if norm == "linf":
@@ -176,9 +152,8 @@ def bandits_attack(model, inputs, labels, *, eps: float, norm: str = "linf", bud
             prior[todo] = v + steps["online_lr"] * gradient
         step = steps["lr"] * ascent_direction(upsample(prior[todo]), norm)
         delta[todo] = project(delta[todo] + step, inputs[todo], eps, norm)
-        success[todo] = misclassified(counter(inputs[todo] + delta[todo], todo), y, targeted)
-    adversarial = torch.where(counted.view(-1, 1, 1, 1), inputs + delta, inputs)
-    return QueryResult(adversarial.detach(), counter.counts.clone(), success, counted)
+        batch.query(inputs[todo] + delta[todo], todo)
+    return batch.result(delta)
 
 
 @hookimpl
@@ -189,5 +164,4 @@ def generate_perturbation(model, inputs, labels, params, ctx):
                             lr=params["lr"], online_lr=params["online_lr"], exploration=params["exploration"],
                             targeted=params["targeted"], init=params.get("init"), generator=ctx.generator,
                             counter=params.get("counter"), counted=params.get("counted"))
-    ctx.record_queries(result.queries, result.success, counted=result.counted)
-    return result.adversarial
+    return result.report(ctx)

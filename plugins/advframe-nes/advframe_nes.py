@@ -39,24 +39,15 @@ Settings (``plugins.nes`` or per use in ``attack`` / ``eval.attacks``), with def
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
-from advframe.attacks import ascent_direction, misclassified, project
-from advframe.cost import QueryCounter
+from advframe.attacks import ascent_direction, project
+from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings
 
 DEFAULTS = {"budget": 1000, "samples": 50, "sigma": 0.001, "lr": None, "min_lr_ratio": 200.0, "momentum": 0.9,
             "plateau_length": 5, "plateau_drop": 2.0, "targeted": False}
-
-
-class QueryResult(NamedTuple):
-    adversarial: torch.Tensor  # one row per example
-    queries: torch.Tensor  # queries spent per example
-    success: torch.Tensor  # reached the goal: wrong class, or the target class
-    counted: torch.Tensor  # attacked: the clean input was not already a success
 
 
 @hookimpl
@@ -86,11 +77,7 @@ def estimate_gradient(counter, inputs, labels, index, samples, sigma, targeted, 
 
 
 def check_settings(params: dict) -> None:
-    budget = params["budget"]
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise PluginError(f"nes: budget must be a whole number of queries >= 1, got {budget!r}")
-    if params["norm"] not in ("linf", "l2"):
-        raise PluginError(f"nes supports norm linf or l2, got {params['norm']!r}; set attack.norm to one of them")
+    check_query_settings("nes", params)
     if params["samples"] < 2 or params["samples"] % 2:
         raise PluginError(f"nes: samples must be an even number >= 2 (antithetic pairs), got {params['samples']}")
     if params["sigma"] <= 0 or (params["lr"] is not None and params["lr"] <= 0) or params["min_lr_ratio"] < 1:
@@ -112,29 +99,18 @@ def nes_attack(model, inputs, labels, *, eps: float, norm: str = "linf", budget:
     """
     generator = generator or torch.Generator().manual_seed(0)
     n = len(inputs)
-    counter = counter or QueryCounter(model, n, budget=budget, attack="nes")
-    inputs, labels = inputs.detach(), labels.detach()
-    every = torch.arange(n, device=inputs.device)
-    success = torch.zeros(n, dtype=torch.bool, device=inputs.device)
+    batch = QueryBatch(model, inputs, labels, targeted=targeted, budget=budget, attack="nes", counter=counter,
+                       counted=counted)
+    inputs, labels = batch.inputs, batch.labels
     delta = torch.zeros_like(inputs) if init is None else project(init.detach().to(inputs), inputs, eps, norm)
-    clean_query = counted is None
-    if clean_query:
-        success = misclassified(counter(inputs, every), labels, targeted)
-        counted = ~success
-    counted = counted.to(inputs.device)
-    todo = every[counted & (counter.remaining(every).to(inputs.device) > 0)]
-    if len(todo) and (init is not None or not clean_query):  # the ascent's starting point
-        success[todo] = misclassified(counter(inputs[todo] + delta[todo], todo), labels[todo], targeted)
+    batch.start(delta, moved=init is not None)  # the ascent's starting point
     max_lr = torch.full((n,), eps / 5 if lr is None else lr, device=inputs.device)
     min_lr = max_lr / min_lr_ratio
     velocity = torch.zeros_like(inputs)
     history = torch.full((n, plateau_length), float("nan"), device=inputs.device)
-    while True:
-        todo = every[counted & ~success & (counter.remaining(every).to(inputs.device) > samples)]
-        if len(todo) == 0:
-            break
+    while len(todo := batch.active(needed=samples + 1)):  # the estimate and the check at the new iterate
         x = inputs[todo]
-        gradient, mean_loss = estimate_gradient(counter, x + delta[todo], labels[todo], todo, samples, sigma,
+        gradient, mean_loss = estimate_gradient(batch.counter, x + delta[todo], labels[todo], todo, samples, sigma,
                                                 targeted, generator)
         velocity[todo] = momentum * velocity[todo] + (1 - momentum) * gradient
         # plateau annealing: halve the step when the loss has not risen over the window
@@ -145,9 +121,8 @@ def nes_attack(model, inputs, labels, *, eps: float, norm: str = "linf", budget:
         history[todo] = window
         step = max_lr[todo].view(-1, *[1] * (inputs.dim() - 1)) * ascent_direction(velocity[todo], norm)
         delta[todo] = project(delta[todo] + step, x, eps, norm)
-        success[todo] = misclassified(counter(x + delta[todo], todo), labels[todo], targeted)
-    adversarial = torch.where(counted.view(-1, *[1] * (inputs.dim() - 1)), inputs + delta, inputs)
-    return QueryResult(adversarial.detach(), counter.counts.clone(), success, counted)
+        batch.query(x + delta[todo], todo)
+    return batch.result(delta)
 
 
 @hookimpl
@@ -159,5 +134,4 @@ def generate_perturbation(model, inputs, labels, params, ctx):
                         plateau_length=params["plateau_length"], plateau_drop=params["plateau_drop"],
                         targeted=params["targeted"], init=params.get("init"), generator=ctx.generator,
                         counter=params.get("counter"), counted=params.get("counted"))
-    ctx.record_queries(result.queries, result.success, counted=result.counted)
-    return result.adversarial
+    return result.report(ctx)

@@ -44,23 +44,15 @@ Settings (``plugins.simba`` or per use in ``attack`` / ``eval.attacks``), with d
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import misclassified, project
-from advframe.cost import QueryCounter
+from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings
 
 DEFAULTS = {"budget": 1000, "basis": "dct", "step": 0.2, "freq_dims": 7, "stride": 2, "order": "strided",
             "targeted": False}
-
-
-class QueryResult(NamedTuple):
-    adversarial: torch.Tensor  # one row per example
-    queries: torch.Tensor  # queries spent per example
-    success: torch.Tensor  # reached the goal: wrong class, or the target class
-    counted: torch.Tensor  # attacked: the clean input was not already a success
 
 
 @hookimpl
@@ -115,11 +107,7 @@ def directions(coordinates: torch.Tensor, shape: tuple[int, int, int], basis: st
 
 
 def check_settings(params: dict) -> None:
-    budget = params["budget"]
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise PluginError(f"simba: budget must be a whole number of queries >= 1, got {budget!r}")
-    if params["norm"] not in ("linf", "l2"):
-        raise PluginError(f"simba supports norm linf or l2, got {params['norm']!r}; set attack.norm to one of them")
+    check_query_settings("simba", params)
     if params["basis"] not in ("dct", "pixel"):
         raise PluginError(f"simba: basis must be dct or pixel, got {params['basis']!r}")
     if params["order"] not in ("strided", "random"):
@@ -142,32 +130,21 @@ def simba_attack(model, inputs, labels, *, eps: float, norm: str = "l2", budget:
         raise PluginError(f"simba needs image batches (N, C, H, W), got shape {tuple(inputs.shape)}")
     generator = generator or torch.Generator().manual_seed(0)
     n, shape = len(inputs), tuple(inputs.shape[1:])
-    counter = counter or QueryCounter(model, n, budget=budget, scores="probabilities", attack="simba")
-    inputs, labels = inputs.detach(), labels.detach()
-    every = torch.arange(n, device=inputs.device)
-    success = torch.zeros(n, dtype=torch.bool, device=inputs.device)
-    probability = torch.zeros(n, device=inputs.device)
+    batch = QueryBatch(model, inputs, labels, targeted=targeted, budget=budget, scores="probabilities",
+                       attack="simba", counter=counter, counted=counted)
+    inputs, labels, success = batch.inputs, batch.labels, batch.success
     delta = torch.zeros_like(inputs) if init is None else project(init.detach().to(inputs), inputs, eps, norm)
-    clean_query = counted is None
-    if clean_query:
-        scores = counter(inputs, every)
-        success = misclassified(scores, labels, targeted)
-        counted = ~success
-        probability = scores.gather(1, labels[:, None]).squeeze(1)
-    counted = counted.to(inputs.device)
-    todo = every[counted & (counter.remaining(every).to(inputs.device) > 0)]
-    if len(todo) and (init is not None or not clean_query):  # the walk's starting point
-        scores = counter(inputs[todo] + delta[todo], todo)
+    probability = torch.zeros(n, device=inputs.device)
+    if batch.clean_scores is not None:
+        probability = batch.clean_scores.gather(1, labels[:, None]).squeeze(1)
+    todo, scores = batch.start(delta, moved=init is not None)  # the walk's starting point
+    if scores is not None:
         probability[todo] = scores.gather(1, labels[todo, None]).squeeze(1)
-        success[todo] = misclassified(scores, labels[todo], targeted)
     sign = -1.0 if targeted else 1.0  # the walk lowers sign * probability
     dct = (dct_matrix(shape[1]), dct_matrix(shape[2])) if basis == "dct" else None
     visiting = coordinate_order(n, shape, basis, order, freq_dims, stride, generator)
     position = torch.zeros(n, dtype=torch.long)
-    while True:
-        todo = every[counted & ~success & (counter.remaining(every).to(inputs.device) > 0)]
-        if len(todo) == 0:
-            break
+    while len(todo := batch.active()):
         exhausted = todo[position[todo.cpu()] >= visiting.shape[1]].cpu()
         if len(exhausted):  # every direction tried: a fresh order of the same kind
             visiting[exhausted] = coordinate_order(len(exhausted), shape, basis, order, freq_dims, stride, generator)
@@ -175,22 +152,22 @@ def simba_attack(model, inputs, labels, *, eps: float, norm: str = "l2", budget:
         rows = todo.cpu()
         q = directions(visiting[rows, position[rows]], shape, basis, dct).to(inputs)
         position[rows] += 1
+        improved = torch.zeros(len(todo), dtype=torch.bool, device=inputs.device)
         for direction in (-1.0, 1.0):
             if direction > 0:  # the + probe only where the - probe failed and budget is left
-                keep = ~improved & (counter.remaining(todo).to(inputs.device) > 0)
+                keep = ~improved & (batch.counter.remaining(todo).to(inputs.device) > 0)
                 todo, q = todo[keep], q[keep]
                 if len(todo) == 0:
                     break
             x = inputs[todo]
             candidate = project(delta[todo] + direction * step * q, x, eps, norm)
-            scores = counter(x + candidate, todo)
+            scores = batch.counter(x + candidate, todo)  # success only where the probe is kept
             new = scores.gather(1, labels[todo, None]).squeeze(1)
             improved = sign * new < sign * probability[todo]
             delta[todo[improved]] = candidate[improved]
             probability[todo[improved]] = new[improved]
             success[todo[improved]] = misclassified(scores[improved], labels[todo[improved]], targeted)
-    adversarial = torch.where(counted.view(-1, 1, 1, 1), inputs + delta, inputs)
-    return QueryResult(adversarial.detach(), counter.counts.clone(), success, counted)
+    return batch.result(delta)
 
 
 @hookimpl
@@ -201,5 +178,4 @@ def generate_perturbation(model, inputs, labels, params, ctx):
                           stride=params["stride"], order=params["order"], targeted=params["targeted"],
                           init=params.get("init"), generator=ctx.generator,
                           counter=params.get("counter"), counted=params.get("counted"))
-    ctx.record_queries(result.queries, result.success, counted=result.counted)
-    return result.adversarial
+    return result.report(ctx)

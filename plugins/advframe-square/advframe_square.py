@@ -38,26 +38,18 @@ examples to attack) it continues its own query count and skips the clean query.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
-from advframe.attacks import misclassified, project
-from advframe.cost import QueryCounter
+from advframe.attacks import project
+from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings
 from advframe.losses import margin
 
 DEFAULTS = {"budget": 1000, "p_init": None, "targeted": False}
 P_INIT = {"linf": 0.05, "l2": 0.1}
 HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
-
-
-class QueryResult(NamedTuple):
-    adversarial: torch.Tensor  # one row per example
-    queries: torch.Tensor  # queries spent per example
-    success: torch.Tensor  # reached the goal: wrong class, or the target class
-    counted: torch.Tensor  # attacked: the clean input was not already a success
 
 
 @hookimpl
@@ -138,7 +130,7 @@ def initial_delta(inputs: torch.Tensor, eps: float, norm: str, generator) -> tor
 def linf_step(inputs, delta, p, eps, generator):
     """Candidate: the window set to one random +-eps per channel, resampled while it changes nothing."""
     n, c, h, w = inputs.shape
-    side = min(max(int(round(math.sqrt(p * h * w))), 1), h - 1)
+    side = min(max(round(math.sqrt(p * h * w)), 1), h - 1)
     index = window_index(*random_windows(n, side, h, w, generator), side, c, inputs.device)
     current = (inputs + delta)[index]
     candidate = delta.clone()
@@ -157,7 +149,7 @@ def linf_step(inputs, delta, p, eps, generator):
 def l2_step(inputs, delta, p, eps, generator):
     """Candidate: window 2 emptied into window 1, a new bump added there, total norm back to eps."""
     n, c, h, w = inputs.shape
-    side = max(int(round(math.sqrt(p * h * w))), 3)
+    side = max(round(math.sqrt(p * h * w)), 3)
     side += side % 2 == 0
     side = min(side, h - 1 if (h - 1) % 2 else h - 2)
     first = window_index(*random_windows(n, side, h, w, generator), side, c, inputs.device)
@@ -178,16 +170,6 @@ def l2_step(inputs, delta, p, eps, generator):
     return candidate / candidate.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * eps
 
 
-def check_settings(name: str, params: dict, norms: tuple[str, ...]) -> int:
-    budget = params["budget"]
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise PluginError(f"{name}: budget must be a whole number of queries >= 1, got {budget!r}")
-    if params["norm"] not in norms:
-        raise PluginError(f"{name} supports norm {' or '.join(norms)}, got {params['norm']!r}; "
-                          f"set attack.norm to one of them")
-    return budget
-
-
 def square_attack(model, inputs, labels, *, eps: float, norm: str = "linf", budget: int = 1000,
                   p_init: float | None = None, targeted: bool = False, init: torch.Tensor | None = None,
                   generator: torch.Generator | None = None, counter: QueryCounter | None = None,
@@ -204,49 +186,34 @@ def square_attack(model, inputs, labels, *, eps: float, norm: str = "linf", budg
     p_init = P_INIT[norm] if p_init is None else p_init
     if not 0 < p_init <= 1:
         raise PluginError(f"square: p_init must be in (0, 1], got {p_init}")
-    n = len(inputs)
-    counter = counter or QueryCounter(model, n, budget=budget, attack="square")
-    inputs, labels = inputs.detach(), labels.detach()
-    every = torch.arange(n, device=inputs.device)
-    success = torch.zeros(n, dtype=torch.bool, device=inputs.device)
-    if counted is None:
-        success = misclassified(counter(inputs, every), labels, targeted)
-        counted = ~success
-    counted = counted.to(inputs.device)
+    batch = QueryBatch(model, inputs, labels, targeted=targeted, budget=budget, attack="square", counter=counter,
+                       counted=counted)
+    inputs, labels = batch.inputs, batch.labels
     start = initial_delta(inputs, eps, norm, generator) if init is None else init.detach().to(inputs)
     delta = project(start, inputs, eps, norm)
-    best_loss = torch.full((n,), float("inf"), device=inputs.device)
-    todo = every[counted & (counter.remaining(every).to(inputs.device) > 0)]
-    if len(todo):
-        scores = counter(inputs[todo] + delta[todo], todo)
+    best_loss = torch.full((len(inputs),), float("inf"), device=inputs.device)
+    todo, scores = batch.start(delta)
+    if scores is not None:
         best_loss[todo] = attack_loss(scores, labels[todo], targeted)
-        success[todo] = misclassified(scores, labels[todo], targeted)
     step = linf_step if norm == "linf" else l2_step
     iteration = 0
-    while True:
-        todo = every[counted & ~success & (counter.remaining(every).to(inputs.device) > 0)]
-        if len(todo) == 0:
-            break
+    while len(todo := batch.active()):
         x = inputs[todo]
         p = p_schedule(p_init, iteration, budget)
         candidate = project(step(x, delta[todo], p, eps, generator), x, eps, norm)
-        scores = counter(x + candidate, todo)
+        scores = batch.query(x + candidate, todo)
         loss = attack_loss(scores, labels[todo], targeted)
-        won = misclassified(scores, labels[todo], targeted)
-        accept = (loss < best_loss[todo]) | won
+        accept = (loss < best_loss[todo]) | batch.success[todo]  # a success is always kept
         delta[todo[accept]] = candidate[accept]
         best_loss[todo[accept]] = loss[accept]
-        success[todo[won]] = True
         iteration += 1
-    adversarial = torch.where(counted.view(-1, 1, 1, 1), inputs + delta, inputs)
-    return QueryResult(adversarial.detach(), counter.counts.clone(), success, counted)
+    return batch.result(delta)
 
 
 @hookimpl
 def generate_perturbation(model, inputs, labels, params, ctx):
-    budget = check_settings("square", params, ("linf", "l2"))
+    budget = check_query_settings("square", params, ("linf", "l2"))
     result = square_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=budget,
                            p_init=params["p_init"], targeted=params["targeted"], init=params.get("init"),
                            generator=ctx.generator, counter=params.get("counter"), counted=params.get("counted"))
-    ctx.record_queries(result.queries, result.success, counted=result.counted)
-    return result.adversarial
+    return result.report(ctx)
