@@ -5,7 +5,9 @@ evaluation are identical): ``source_only`` (CE on the labelled source), ``uda`` 
 epoch), ``naive_self_training`` (the same pre-training, then a frozen teacher's pseudo-labels and PGD
 adversarial training of the student on the strong target view) and ``srouda`` (the teacher is also
 updated, by its UDA loss and the meta signal from the student's source loss). ``--ablation`` adds
-``srouda[meta_sign=-1]`` and ``srouda[meta_sign=0]``.
+``srouda[meta_sign=-1]`` and ``srouda[meta_sign=0]``. Small-scale settings (``SHARED``): all 5,000 source
+images, batch 64, mu = 2, 6 epochs (3 of MDD + RMA pre-training, 3 of self-training: ~240 steps,
+against 20k in the paper), training PGD-10 at eps 0.1 (step 2.5 eps / 10).
 
 Reported, 3 seeds, mean ± std: target (digits) clean and PGD-20 accuracy (eps 0.1, step 0.025, as
 METHODS.md's small check), the teacher's clean target accuracy, the pseudo-label accuracy on the target
@@ -34,11 +36,13 @@ from advframe.plugins import make_plugin_host
 
 METHODS = "srouda[mode=source_only],srouda[mode=uda],srouda[mode=naive_self_training],srouda"
 ABLATION = ",srouda[meta_sign=-1],srouda[meta_sign=0]"
+# small-scale settings: all 5,000 source images, batch 64, mu = 2 target images per source image, 6 epochs
+# (3 of UDA pre-training with MDD + RMA, 3 of self-training, about 240 steps), training PGD-10 at eps 0.1
 SHARED = [
-    "data.name=mnist-to-digits", "data.train_size=2000", "data.target_ratio=2",
+    "data.name=mnist-to-digits", "data.target_ratio=2",
     "train.epochs=6", "train.batch_size=64", "train.monitor_examples=0", "train.checkpoint_every=0",
     "plugins.srouda.pretrain_epochs=3",
-    "attack.eps=0.1", "attack.steps=5",
+    "attack.eps=0.1", "attack.steps=10",
     "eval.attacks=[{name: pgd, steps: 20, alpha: 0.025, stop_on_success: true}]",
 ]
 

@@ -41,7 +41,7 @@ text describes), or ``none``.
 Settings (``plugins.srouda``)::
 
     mode: srouda               # source_only | uda | naive_self_training | srouda
-    uda: dann                  # dann | mdd (the UDA baseline of phase 1; official default MDD)
+    uda: mdd                   # mdd (official default) | dann: the UDA baseline of phase 1
     pretrain_epochs: 3         # epochs of phase 1 (modes naive_self_training and srouda)
     transfer_weight: 1.0       # gamma: weight of the transfer loss (official trade-off 1)
     rma_weight: 0.1            # rho: weight of the transfer loss on RMA-masked target images (official 0.1)
@@ -97,7 +97,7 @@ TEACHER, DISCRIMINATOR, ADVERSARY = "teacher", "discriminator", "adversarial_hea
 
 @hookimpl
 def default_config():
-    return {"mode": "srouda", "uda": "dann", "pretrain_epochs": 3, "transfer_weight": 1.0, "rma_weight": 0.1,
+    return {"mode": "srouda", "uda": "mdd", "pretrain_epochs": 3, "transfer_weight": 1.0, "rma_weight": 0.1,
             "rma_patch": 2, "rma_ratio": 0.5, "mdd_margin": 4.0, "grl_high": None, "grl_max_iters": 1000,
             "discriminator_hidden": 1024, "teacher_lr": 1.0e-4, "threshold": 0.95, "temperature": 1.0,
             "lambda_u": 1.0, "uda_steps": 1, "meta_sign": 1, "strong_view": "randaugment",

@@ -41,14 +41,16 @@ def test_contract(tmp_path):
         assert_conforms(advframe_srouda, "srouda", tmp_path, ["train.epochs=2", "plugins.srouda.pretrain_epochs=1"])
 
 
-def test_contract_with_mdd_on_domain_adaptation_data(tmp_path):
+def test_contract_with_dann_on_domain_adaptation_data(tmp_path):
     assert_conforms(advframe_srouda, "srouda", tmp_path, [*DA, "train.epochs=2", "plugins.srouda.pretrain_epochs=1",
-                                                          "plugins.srouda.uda=mdd"])
+                                                          "plugins.srouda.uda=dann"])
 
 
-def test_garbage_target_labels_leave_training_unchanged(tmp_path):
+@pytest.mark.parametrize("uda", ["mdd", "dann"])
+def test_garbage_target_labels_leave_training_unchanged(tmp_path, uda):
     host = make_host((advframe_srouda, "srouda"))
-    config = tiny_config(host, "srouda", [*DA, "train.epochs=2", "plugins.srouda.pretrain_epochs=1"])
+    config = tiny_config(host, "srouda", [*DA, "train.epochs=2", "plugins.srouda.pretrain_epochs=1",
+                                          f"plugins.srouda.uda={uda}"])
     first = Run.start(host, config, tmp_path / "a")
     first.train()
     logged = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
