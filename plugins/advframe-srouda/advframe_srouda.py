@@ -383,18 +383,14 @@ def setup(model, ctx):
 
 # -- training --------------------------------------------------------------------------------------------
 
-_warned = set()
-
-
 def target_of(batch, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The unlabelled target images of a domain-adaptation batch; else the source images (no shift)."""
     target = getattr(batch, "target_inputs", None)
     if target is not None:
         return target, batch.target_index
-    if "no-target" not in _warned:
-        _warned.add("no-target")
-        warnings.warn("srouda: the data have no unlabelled target domain; the source images stand in for it "
-                      "(set data.name=mnist-to-digits for domain adaptation)", stacklevel=2)
+    # Python's default filter shows this once per run, not once per step
+    warnings.warn("srouda: the data have no unlabelled target domain; the source images stand in for it "
+                  "(set data.name=mnist-to-digits for domain adaptation)", stacklevel=2)
     return batch[0], None
 
 
