@@ -12,7 +12,9 @@ Per seed, on the embedded MNIST subset (core defaults: 4,000 train / 1,000 test,
 * ``--examples`` test images the target classifies correctly (a fixed random order, the same for
   every variant of a seed) are attacked by each query attack alone and seeded by MCG (``mcg`` with
   ``attack: <name>``), plus MCG's ablations on square: no per-example fine-tuning, no surrogate
-  adaptation, and the generator without meta-training (pre-trained only);
+  adaptation, and the generator without meta-training (pre-trained only); and Square seeded by MCG
+  with the official MCG's Square window schedule (``p_init`` 0.0375, small windows that refine the
+  seed), next to Square alone with that schedule as the control;
 * every variant gets the same budget, the clean query included, and draws its randomness from
   ``seed + 999``.
 
@@ -41,6 +43,7 @@ from advframe.plugins import make_plugin_host
 from advframe.runner import Run
 
 ATTACKS = ("square", "simba", "nes", "bandits")
+SEEDED_P_INIT = 0.0375  # official MCG Square: p_init 0.3 with the schedule started 500 of 10,000 iterations in
 ABLATIONS = {
     "mcg+square, no per-example fine-tune": {"attack": "square", "finetune": False},
     "mcg+square, no surrogate adaptation": {"attack": "square", "adapt_surrogate": False},
@@ -87,6 +90,11 @@ def variants(budget: int, surrogate: Path, attacks: tuple[str, ...]) -> dict[str
         rows[f"mcg+{name}"] = ("mcg", {"attack": name, "budget": budget, "surrogate": str(surrogate)})
     for label, settings in ABLATIONS.items():
         rows[label] = ("mcg", {**settings, "budget": budget, "surrogate": str(surrogate)})
+    if "square" in attacks:  # the official MCG's seeded Square schedule, and Square alone with it (control)
+        rows[f"square, p_init {SEEDED_P_INIT}"] = ("square", {"budget": budget, "p_init": SEEDED_P_INIT})
+        rows[f"mcg+square, p_init {SEEDED_P_INIT}"] = ("mcg", {"attack": "square", "budget": budget,
+                                                              "surrogate": str(surrogate),
+                                                              "attack_overrides": {"p_init": SEEDED_P_INIT}})
     return rows
 
 

@@ -69,6 +69,12 @@ Settings (``plugins.mcg`` or per use in ``eval.attacks``), with defaults::
                              # sequential, as the official code; see README)
     carry_over: false        # keep the adapted surrogate, clean pool and history across calls (batches)
 
+The seeded attack takes its settings from ``plugins.<attack>`` (e.g. ``plugins.square.p_init``) and,
+when MCG is called from code, from ``params["attack_overrides"]`` (a dict). The official MCG runs its
+Square with ``p_init`` 0.3 and the window schedule started 500 iterations in, so the first windows
+are small and refine G's perturbation instead of overwriting it: on a 10,000-query scale that is
+``p_init = 0.3 / 8 = 0.0375`` here.
+
 Threat model: ``norm`` linf only, ``eps`` from the attack section. The meta-trained generator is
 cached in memory per surrogate directory and generator settings, so only the first call trains it.
 """
@@ -458,7 +464,8 @@ def mcg_attack(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, par
     init = torch.zeros_like(inputs)
     meta_init = torch.zeros_like(inputs)
     child = None if params["attack"] == "none" else ctx.attack_settings(
-        params["attack"], budget=params["budget"], targeted=targeted, eps=params["eps"], norm=params["norm"])
+        params["attack"], **{**params.get("attack_overrides", {}), "budget": params["budget"], "targeted": targeted,
+                             "eps": params["eps"], "norm": params["norm"]})
     for start in range(0, n, params["chunk"]):
         rows = torch.arange(start, min(start + params["chunk"], n))
         for i in rows.tolist():
