@@ -27,9 +27,9 @@ from torch import nn
 from advframe import __version__, checkpoint, data, distributed, models
 from advframe.config import dump, selected_plugins
 from advframe.context import RunContext, make_optimizer
-from advframe.episodes import sampler_for
-from advframe.episodes import TEST_TASK_SEED
+from advframe.episodes import TEST_TASK_SEED, sampler_for
 from advframe.errors import CheckpointError, ConfigError, PluginCallError
+
 
 class DomainBatch(tuple):
     """A domain-adaptation batch: unpacks as ``(source_inputs, source_labels)`` like any batch, and
@@ -52,7 +52,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and distributed.launched():
         import os
 
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 

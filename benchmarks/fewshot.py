@@ -245,7 +245,7 @@ def run_benchmark(args) -> None:
                 try:
                     run_dir = train(host, recipe, setting if recipe.per_setting else None, seed, shared, tasks, args.out)
                     metrics = evaluate(host, run_dir, variant, setting, tasks, args.out)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     if recipe.plugin in ("protonet", "rfs"):
                         raise
                     failed[recipe.name] = str(exc)  # another developer's plugin: report it, keep going

@@ -66,7 +66,7 @@ def method(kind: str, shots: int, steps: int = 1, second_order: bool = False) ->
 
 
 def shared_overrides(args) -> list[str]:
-    data = ([f"data.name=omniglot", f"data.root={args.root}", "data.rotations=[0, 90, 270]"]
+    data = (["data.name=omniglot", f"data.root={args.root}", "data.rotations=[0, 90, 270]"]
             if args.data == "omniglot" else ["data.name=mnist-fewshot"])
     return [*data, "model.name=conv4", f"model.args={{width: {args.width}}}",
             "meta.ways=5", "meta.test_shots=1", "meta.queries=5", "meta.tasks_per_batch=4",

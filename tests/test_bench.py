@@ -8,7 +8,6 @@ from advframe.errors import ConfigError
 from advframe.testing import make_host
 
 
-
 def test_methods_parse_with_bracketed_settings():
     methods = bench.parse_methods("pgd-at, trades[beta=1;train.lr=0.1],erm")
     assert [m.label for m in methods] == ["pgd-at", "trades[beta=1;train.lr=0.1]", "erm"]

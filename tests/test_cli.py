@@ -9,8 +9,6 @@ from advframe import cli
 from advframe.testing import make_host
 
 
-
-
 @pytest.fixture
 def runner(monkeypatch):
     monkeypatch.setattr(cli, "_host", lambda: make_host())

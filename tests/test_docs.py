@@ -31,5 +31,5 @@ def test_every_hook_is_in_the_contract_table_with_its_arguments(hook):
 def test_every_hook_has_a_test(hook):
     names = set()
     for path in (ROOT / "tests").glob("test_*.py"):
-        names |= set(re.findall(r"^def (test_hook_\w+)", path.read_text(), re.M))
+        names |= set(re.findall(r"^def (test_hook_\w+)", path.read_text(), re.MULTILINE))
     assert f"test_hook_{hook}" in names

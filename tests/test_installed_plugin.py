@@ -20,7 +20,7 @@ TINY = ["--set", "data.name=digits", "--set", "data.train_size=64", "--set", "da
 
 def tutorial_files() -> dict[str, str]:
     text = (ROOT / "CONTRIBUTING.md").read_text()
-    blocks = re.findall(r"`(advframe-noisy/[\w/.]+)`:\n\n```\w+\n(.*?)```", text, re.S)
+    blocks = re.findall(r"`(advframe-noisy/[\w/.]+)`:\n\n```\w+\n(.*?)```", text, re.DOTALL)
     return {path: body for path, body in blocks}
 
 

@@ -8,6 +8,8 @@ attack, ``robust_accuracy/worst_case`` counts an example as robust only if it su
 successful examples, initially misclassified ones excluded) for their label.
 """
 
+import math
+
 import torch
 
 from advframe.context import attack_label
@@ -21,7 +23,7 @@ def per_class_accuracy(correct: torch.Tensor, labels: torch.Tensor, num_classes:
 
 
 def worst_class(values: list[float]) -> float:
-    present = [v for v in values if v == v]
+    present = [v for v in values if not math.isnan(v)]  # NaN: a class absent from the split
     return min(present) if present else float("nan")
 
 
