@@ -401,6 +401,8 @@ def check_settings(params: dict, ctx) -> None:
     if not params.get("surrogate"):
         raise PluginError("mcg needs a white-box surrogate: pass --surrogate RUN_DIR to advframe attack "
                           "(or set plugins.mcg.surrogate to a finished run directory)")
+    if not isinstance(params["surrogate"], (str, Path)):
+        raise PluginError(f"mcg: surrogate must be a run directory path, got {params['surrogate']!r}")
     if params["norm"] != "linf":
         raise PluginError(f"mcg supports norm linf only (its generator is L-inf bounded), got {params['norm']!r}")
     budget = params["budget"]
