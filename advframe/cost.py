@@ -8,8 +8,9 @@ costs 128; TRADES' outer loss (clean and adversarial forward passes) costs 256. 
 Query-based (score-based black-box) attacks count queries instead: every model call goes through a
 :class:`QueryCounter`. The book-keeping they all share is here too: :func:`check_query_settings`
 (the ``budget`` and ``norm`` checks), :class:`QueryBatch` (the clean query, which examples count,
-which have succeeded, which can still afford an iteration) and :class:`QueryResult` (what an
-attack returns and reports to ``ctx.record_queries``).
+which have succeeded, which can still afford an iteration), :class:`QueryResult` (what an attack
+returns and reports to ``ctx.record_queries``) and :func:`run_query_attack` (the
+``generate_perturbation`` protocol, ``params["init"/"counter"/"counted"]`` included).
 """
 
 from __future__ import annotations
@@ -186,3 +187,22 @@ class QueryBatch:
         shape = (-1, *[1] * (self.inputs.dim() - 1))
         adversarial = torch.where(self.counted.view(shape), self.inputs + delta, self.inputs)
         return QueryResult(adversarial.detach(), self.counter.counts.clone(), self.success, self.counted)
+
+
+def run_query_attack(attack, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, params: dict, ctx,
+                     settings) -> torch.Tensor:
+    """``generate_perturbation`` of a query-based attack: call ``attack`` (the plugin's function) on the
+    batch, report its queries with ``ctx.record_queries`` and return the adversarial batch.
+
+    ``attack`` is called with the threat model (``eps``, ``norm``), the plugin's ``settings`` (names
+    of its keyword arguments taken from ``params``: its ``budget``, ``targeted`` and own settings),
+    ``generator=ctx.generator``, and what another method may put in ``params``:
+
+    * ``init``: a perturbation shaped like the inputs (projected into the ball), the starting point;
+    * ``counter``: the caller's :class:`QueryCounter`, so the attack's queries continue its count;
+    * ``counted``: which examples to attack, when the caller knows it (then no clean query).
+    """
+    result = attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], init=params.get("init"),
+                    counter=params.get("counter"), counted=params.get("counted"), generator=ctx.generator,
+                    **{key: params[key] for key in settings})
+    return result.report(ctx)

@@ -26,10 +26,8 @@ the honest 3. Probes are clipped to [0, 1] so every query is a valid image (the 
 not clip them). The exponentiated-gradient step is computed in its equivalent logistic form
 (sigmoid(logit((v + 1) / 2) + 2 lr g)), which cannot overflow.
 
-Another method seeds the attack with ``params["init"]`` (a perturbation shaped like the inputs,
-projected into the ball); with ``params["counter"]`` (its :class:`~advframe.cost.QueryCounter`) and
-``params["counted"]`` (which examples to attack) it continues its own query count and skips the
-clean query. The same arguments exist on :func:`bandits_attack`.
+Seeding and continuing another method's count (``params["init"/"counter"/"counted"]``, also
+arguments of :func:`bandits_attack`): as for every query attack, see :func:`advframe.cost.run_query_attack`.
 
 Settings (``plugins.bandits`` or per use in ``attack`` / ``eval.attacks``), with defaults (null
 takes the official value for the norm)::
@@ -56,7 +54,7 @@ import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import ascent_direction, project
-from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings
+from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings, run_query_attack
 
 DEFAULTS = {"budget": 1000, "tiling": True, "prior_size": 7, "fd_eta": None, "lr": None, "online_lr": None,
             "exploration": None, "targeted": False}
@@ -159,9 +157,4 @@ def bandits_attack(model, inputs, labels, *, eps: float, norm: str = "linf", bud
 @hookimpl
 def generate_perturbation(model, inputs, labels, params, ctx):
     check_settings(params)
-    result = bandits_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=params["budget"],
-                            tiling=params["tiling"], prior_size=params["prior_size"], fd_eta=params["fd_eta"],
-                            lr=params["lr"], online_lr=params["online_lr"], exploration=params["exploration"],
-                            targeted=params["targeted"], init=params.get("init"), generator=ctx.generator,
-                            counter=params.get("counter"), counted=params.get("counted"))
-    return result.report(ctx)
+    return run_query_attack(bandits_attack, model, inputs, labels, params, ctx, DEFAULTS)

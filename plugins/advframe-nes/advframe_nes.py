@@ -19,10 +19,8 @@ and one at the new iterate (the success check; the official code counts it too).
 when it succeeds or fewer than ``samples + 1`` queries are left. Sampled points are clipped to
 [0, 1], so every query is a valid image (the official code queries slightly outside).
 
-Another method seeds the attack with ``params["init"]`` (a perturbation shaped like the inputs,
-projected into the ball); with ``params["counter"]`` (its :class:`~advframe.cost.QueryCounter`) and
-``params["counted"]`` (which examples to attack) it continues its own query count and skips the
-clean query. The same arguments exist on :func:`nes_attack`.
+Seeding and continuing another method's count (``params["init"/"counter"/"counted"]``, also
+arguments of :func:`nes_attack`): as for every query attack, see :func:`advframe.cost.run_query_attack`.
 
 Settings (``plugins.nes`` or per use in ``attack`` / ``eval.attacks``), with defaults::
 
@@ -44,7 +42,7 @@ import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import ascent_direction, project
-from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings
+from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings, run_query_attack
 
 DEFAULTS = {"budget": 1000, "samples": 50, "sigma": 0.001, "lr": None, "min_lr_ratio": 200.0, "momentum": 0.9,
             "plateau_length": 5, "plateau_drop": 2.0, "targeted": False}
@@ -128,10 +126,4 @@ def nes_attack(model, inputs, labels, *, eps: float, norm: str = "linf", budget:
 @hookimpl
 def generate_perturbation(model, inputs, labels, params, ctx):
     check_settings(params)
-    result = nes_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=params["budget"],
-                        samples=params["samples"], sigma=params["sigma"], lr=params["lr"],
-                        min_lr_ratio=params["min_lr_ratio"], momentum=params["momentum"],
-                        plateau_length=params["plateau_length"], plateau_drop=params["plateau_drop"],
-                        targeted=params["targeted"], init=params.get("init"), generator=ctx.generator,
-                        counter=params.get("counter"), counted=params.get("counted"))
-    return result.report(ctx)
+    return run_query_attack(nes_attack, model, inputs, labels, params, ctx, DEFAULTS)

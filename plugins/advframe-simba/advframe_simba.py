@@ -24,10 +24,8 @@ under ``norm`` (the official ``linf_bound`` clamp for L-inf, a rescale for L2) a
 When all directions have been tried (28 x 28 x 1 has only 784), a new random order of the same kind
 starts (the official code stops there).
 
-Another method seeds the attack with ``params["init"]`` (a perturbation shaped like the inputs,
-projected into the ball); with ``params["counter"]`` (its :class:`~advframe.cost.QueryCounter`) and
-``params["counted"]`` (which examples to attack) it continues its own query count and skips the
-clean query. The same arguments exist on :func:`simba_attack`.
+Seeding and continuing another method's count (``params["init"/"counter"/"counted"]``, also
+arguments of :func:`simba_attack`): as for every query attack, see :func:`advframe.cost.run_query_attack`.
 
 Settings (``plugins.simba`` or per use in ``attack`` / ``eval.attacks``), with defaults::
 
@@ -49,7 +47,7 @@ import torch
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import misclassified, project
-from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings
+from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings, run_query_attack
 
 DEFAULTS = {"budget": 1000, "basis": "dct", "step": 0.2, "freq_dims": 7, "stride": 2, "order": "strided",
             "targeted": False}
@@ -173,9 +171,4 @@ def simba_attack(model, inputs, labels, *, eps: float, norm: str = "l2", budget:
 @hookimpl
 def generate_perturbation(model, inputs, labels, params, ctx):
     check_settings(params)
-    result = simba_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=params["budget"],
-                          basis=params["basis"], step=params["step"], freq_dims=params["freq_dims"],
-                          stride=params["stride"], order=params["order"], targeted=params["targeted"],
-                          init=params.get("init"), generator=ctx.generator,
-                          counter=params.get("counter"), counted=params.get("counted"))
-    return result.report(ctx)
+    return run_query_attack(simba_attack, model, inputs, labels, params, ctx, DEFAULTS)

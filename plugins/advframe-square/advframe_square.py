@@ -29,10 +29,9 @@ Settings (``plugins.square`` or per use in ``attack`` / ``eval.attacks``), with 
                       # official values for undefended models (the paper uses 0.3-0.8 on robust MNIST)
     targeted: false   # true: the labels passed are target classes
 
-Threat model: ``norm`` linf or l2 and ``eps`` (from the ``attack`` section). Another method seeds
-the attack with ``params["init"]`` (a perturbation shaped like the inputs); with
-``params["counter"]`` (its :class:`~advframe.cost.QueryCounter`) and ``params["counted"]`` (which
-examples to attack) it continues its own query count and skips the clean query.
+Threat model: ``norm`` linf or l2 and ``eps`` (from the ``attack`` section). Seeding and continuing
+another method's count (``params["init"/"counter"/"counted"]``, also arguments of
+:func:`square_attack`): as for every query attack, see :func:`advframe.cost.run_query_attack`.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import project
-from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings
+from advframe.cost import QueryBatch, QueryCounter, QueryResult, check_query_settings, run_query_attack
 from advframe.losses import margin
 
 DEFAULTS = {"budget": 1000, "p_init": None, "targeted": False}
@@ -212,8 +211,5 @@ def square_attack(model, inputs, labels, *, eps: float, norm: str = "linf", budg
 
 @hookimpl
 def generate_perturbation(model, inputs, labels, params, ctx):
-    budget = check_query_settings("square", params, ("linf", "l2"))
-    result = square_attack(model, inputs, labels, eps=params["eps"], norm=params["norm"], budget=budget,
-                           p_init=params["p_init"], targeted=params["targeted"], init=params.get("init"),
-                           generator=ctx.generator, counter=params.get("counter"), counted=params.get("counted"))
-    return result.report(ctx)
+    check_query_settings("square", params, ("linf", "l2"))
+    return run_query_attack(square_attack, model, inputs, labels, params, ctx, DEFAULTS)
