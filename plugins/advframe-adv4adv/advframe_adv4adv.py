@@ -209,7 +209,7 @@ def is_training_method(ctx) -> bool:
 def setup(model, ctx):
     settings = checked(ctx.settings, ctx.config["train"]["epochs"])
     if not is_training_method(ctx):  # as an evaluator of another method's run: the probe only
-        return None
+        return
     lr = settings["discriminator_lr"]
     with eval_mode(model), torch.no_grad():
         logits = model(torch.zeros(1, *ctx.input_shape, device=ctx.device))
@@ -222,7 +222,6 @@ def setup(model, ctx):
             model(torch.zeros(1, *ctx.input_shape, device=ctx.device))
         ctx.add_model(FEATURES, ClassDiscriminators(ctx.num_classes, captured.value.shape[1],
                                                     settings["feature_hidden"]), lr=lr)
-    return None
 
 
 # -- training ------------------------------------------------------------------------------------------

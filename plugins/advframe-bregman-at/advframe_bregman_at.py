@@ -108,8 +108,8 @@ def adversarial_path(model, inputs, labels, ctx) -> list[torch.Tensor]:
     """
     settings, attack = ctx.settings, ctx.attack_params
     segments = settings["segments"] if settings["method"] == "fait" else 1
-    run = dict(eps=attack["eps"], alpha=step_size(attack), norm=attack["norm"], loss="kl", generator=ctx.generator,
-               bounds=ctx.input_bounds)
+    run = {"eps": attack["eps"], "alpha": step_size(attack), "norm": attack["norm"], "loss": "kl",
+           "generator": ctx.generator, "bounds": ctx.input_bounds}
     if not inputs.dtype.is_floating_point:  # token ids: the walk is in the model's embedding space
         with torch.no_grad():
             inputs = unwrap(model).embed(inputs)

@@ -330,8 +330,8 @@ def evaluate(model, dataset, ctx):
     for start in range(0, count, batch_size):
         inputs, labels = dataset.batch(subset[start:start + batch_size], ctx.device)
         maps = gradient_maps(model, inputs, labels, settings, ctx.generator)
-        for key in parts:
-            parts[key].append(maps[key].cpu())
+        for key, values in parts.items():
+            values.append(maps[key].cpu())
     metrics = {
         "input_gradient_norm": torch.cat(parts["gradient_norm"]).mean().item(),
         "jacobian_frobenius_norm": torch.cat(parts["jacobian_norm"]).mean().item(),

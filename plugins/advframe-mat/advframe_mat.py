@@ -115,7 +115,6 @@ def setup(model, ctx):
     if is_training_method(ctx):  # as an evaluator of another method's run, MAT adds nothing
         for name in peer_names(settings["models"]):
             ctx.add_model(name, ctx.build_model())
-    return None
 
 
 def members(model, ctx) -> list[nn.Module]:

@@ -1,10 +1,10 @@
 import json
 
+import advframe_adv4adv as a4a
 import pytest
 import torch
 import torch.nn.functional as F
 
-import advframe_adv4adv as a4a
 from advframe import PluginError, checkpoint
 from advframe.attacks import pgd
 from advframe.runner import Run

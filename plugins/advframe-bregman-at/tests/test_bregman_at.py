@@ -1,11 +1,11 @@
 import copy
 import importlib.util
 
+import advframe_bregman_at
 import pytest
 import torch
 import torch.nn.functional as F
 
-import advframe_bregman_at
 from advframe import PluginError
 from advframe.attacks import pgd, step_size
 from advframe.losses import kl_to_clean

@@ -1,10 +1,10 @@
 from types import SimpleNamespace
 
+import advframe_jsigr as jsigr
 import pytest
 import torch
 from torch import nn
 
-import advframe_jsigr as jsigr
 from advframe import PluginError
 from advframe.testing import assert_conforms, tiny_run
 

@@ -1,8 +1,8 @@
+import advframe_mat
 import pytest
 import torch
 import torch.nn.functional as F
 
-import advframe_mat
 from advframe import PluginError, checkpoint, hookimpl
 from advframe.attacks import pgd
 from advframe.context import make_optimizer

@@ -1,10 +1,10 @@
 import json
 
+import advframe_misclassified_at as a3t
 import pytest
 import torch
 import torch.nn.functional as F
 
-import advframe_misclassified_at as a3t
 from advframe import PluginError
 from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config, tiny_run
