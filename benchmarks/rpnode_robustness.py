@@ -29,6 +29,10 @@ seconds (noisy on a shared machine). Usage (single-threaded, one benchmark at a 
     OMP_NUM_THREADS=1 flock /tmp/advframe-bench.lock .venv/bin/python benchmarks/rpnode_robustness.py \\
         --out /tmp/rpnode [--seeds 3] [--episodes 600] [--test-tasks 60] [--ode-steps 4] [--eps 0.1]
 
+``--methods`` also takes variants with plugin settings, for ablations: ``'r-pnode[ode_time=0.001]'``
+(the ODE flow shrunk to the identity: PANet's head plus R-PNODE's regularisers), or
+``'r-pnode[consistency_weight=0]'``.
+
 Finished runs are kept under ``--out`` (a stopped benchmark continues where it stopped); the table is
 printed and written to ``OUT/rpnode_robustness.md``.
 """
@@ -114,7 +118,23 @@ def host_with_attack():
     return host
 
 
-def run_config(host, method: str, seed: int, args) -> dict:
+def parse_variant(label: str) -> tuple[str, dict]:
+    """``r-pnode[ode_time=0.001,cluster_weight=0]`` -> ("r-pnode", {"ode_time": 0.001, "cluster_weight": 0.0})."""
+    import yaml
+
+    method, _, rest = label.partition("[")
+    if method not in METHODS or (rest and not rest.endswith("]")):
+        raise SystemExit(f"unknown method or variant {label!r}: use one of {', '.join(METHODS)}, "
+                         f"e.g. r-pnode[cluster_weight=0]")
+    settings = {}
+    for item in filter(None, rest[:-1].split(",")):
+        key, _, value = item.partition("=")
+        settings[key.strip()] = yaml.safe_load(value)
+    return method, settings
+
+
+def run_config(host, label: str, seed: int, args) -> dict:
+    method, settings = parse_variant(label)
     attacks = [{"name": "fgsm", "stop_on_success": False},
                {"name": "pgd", "steps": 10, "restarts": 1, "stop_on_success": False},
                {"name": "dense-square", "budget": args.square_queries}]
@@ -122,8 +142,7 @@ def run_config(host, method: str, seed: int, args) -> dict:
     user = {"seed": seed, "attack": {"eps": args.eps}, "eval": {"attacks": attacks},
             "train": {"epochs": args.epochs},
             "meta": {"tasks_per_epoch": per_epoch, "test_tasks": args.test_tasks}}
-    if method != "panet":
-        user["plugins"] = {method: {"steps": args.ode_steps}}
+    user["plugins"] = {method: {**({} if method == "panet" else {"steps": args.ode_steps}), **settings}}
     return resolve(host, user, [], method)
 
 
@@ -143,7 +162,7 @@ def feature_shift(run: Run, eps: float) -> float:
 
 
 def one_run(method: str, seed: int, args) -> dict:
-    folder = Path(args.out) / f"seed{seed}" / method
+    folder = Path(args.out) / f"seed{seed}" / method.replace("[", "_").replace("]", "").replace(",", "_")
     done = folder / "benchmark.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -187,7 +206,7 @@ def table(results: dict[str, list[dict]], args) -> str:
     seeds = len(next(iter(results.values())))
     settings = (f"{seeds} seed(s); {args.episodes} training episodes (1-way 1-shot, 1 query, 5 per Adam step, "
                 f"{args.epochs} epochs), {args.test_tasks} fixed test tasks, L-inf eps {args.eps} on the query; "
-                f"ODE: RK4 {args.ode_steps} steps over T = 4; Square: {args.square_queries} queries per query image")
+                f"ODE: RK4 {args.ode_steps} steps over T = 4 (unless a variant sets ode_time); Square: {args.square_queries} queries per query image")
     return "\n".join(rows) + "\n\n" + settings + "\n"
 
 
@@ -201,7 +220,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ode-steps", type=int, default=4)
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--square-queries", type=int, default=100)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="panet, pnode, r-pnode, or variants with plugin settings: 'r-pnode[ode_time=0.001]'")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = {m: [] for m in args.methods}
