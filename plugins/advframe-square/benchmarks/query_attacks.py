@@ -13,6 +13,7 @@ the embedded MNIST are all zeros and ones). ``--set`` takes the keys ``advframe 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--name", default=None, help="row label (default: the attack and its --set values)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     rows = [evaluate(run, args.attack, args.examples, args.overrides) for run in args.runs]
     for run, row in zip(args.runs, rows):
         print(f"<!-- {run}: {row} -->")

@@ -1,6 +1,8 @@
 #!/bin/bash
 # The query-attack tables of the square, simba, nes and bandits READMEs, in one go (one bench lock):
-#   flock /tmp/advframe-bench.lock bash plugins/advframe-square/benchmarks/run_all.sh [OUT]
+#   OMP_NUM_THREADS=1 ADVFRAME_PROGRESS=0 flock /tmp/advframe-bench-c.lock bash plugins/advframe-square/benchmarks/run_all.sh [OUT]
+# (single-threaded: about 20 minutes on a shared machine; the first six rows are each attack's default,
+# the L2 Square row and the SimBA pixel-basis ablation, the last five the other ablations)
 # Trains small-cnn with erm (core defaults: embedded MNIST, 5 epochs) for seeds 0-2, then attacks the
 # same 100 class-balanced test images of each model (budget 1000; L-inf eps 0.2, L2 eps 2.0).
 # Rows are appended to OUT/table.md as they finish (a first look on seed 0 to OUT/table-seed0.md).
