@@ -11,7 +11,8 @@ Setup: ``pip install --no-deps torchattacks`` (its metadata would pull torchvisi
 
 Usage::
 
-    flock /tmp/advframe-bench.lock python plugins/advframe-apgd/benchmarks/reference_check.py --seeds 3
+    OMP_NUM_THREADS=1 flock /tmp/advframe-bench-c.lock python plugins/advframe-apgd/benchmarks/reference_check.py \
+        --seeds 3 --examples 200
 """
 
 from __future__ import annotations
