@@ -7,6 +7,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch first and pinned: an unpinned torch would pull several GB of CUDA packages
 .venv/bin/python -m pip install --quiet torch==2.13.0
+# the build backend once, then no per-package build environment (each would query the index again)
+.venv/bin/python -m pip install --quiet "setuptools>=77" wheel
 packages=(-e ".[test]")
 for plugin in plugins/*/; do packages+=(-e "$plugin"); done
-.venv/bin/python -m pip install --quiet "${packages[@]}"
+# PYTHONWARNINGS: setuptools warns once per editable package that it is editable
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet --no-build-isolation "${packages[@]}"
