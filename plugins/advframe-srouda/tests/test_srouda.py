@@ -151,3 +151,33 @@ def test_randaugment_stays_in_the_box_and_changes_the_images():
 def test_bad_settings_say_what_to_change(tmp_path, setting):
     with pytest.raises(PluginError, match="srouda: "):
         start(tmp_path, ["train.epochs=2", setting])
+
+
+def test_a_run_resumed_between_the_phases_and_inside_phase_two_matches_an_uninterrupted_one(tmp_path, monkeypatch):
+    host = make_host((advframe_srouda, "srouda"))
+    config = tiny_config(host, "srouda", [*DA, "train.epochs=3", "plugins.srouda.pretrain_epochs=1"])
+    whole = Run.start(host, config, tmp_path / "whole")
+    whole.train()
+
+    class Stop(KeyboardInterrupt):  # passes through the plugin call like a user's Ctrl-C
+        pass
+
+    real = advframe_srouda.meta_step
+    for stop_at in (1, 2):  # the first phase-2 step (state saved before the teacher copy), then inside phase 2
+        def interrupted(*args, calls=[], stop_at=stop_at, **kwargs):  # noqa: B006 (a fresh list per stop_at)
+            calls.append(1)
+            if len(calls) == stop_at:
+                raise Stop
+            return real(*args, **kwargs)
+
+        out = tmp_path / f"stopped{stop_at}"
+        run = Run.start(host, {**config, "train": {**config["train"], "checkpoint_every": 1}}, out)
+        monkeypatch.setattr(advframe_srouda, "meta_step", interrupted)
+        with pytest.raises(Stop):
+            run.train()
+        monkeypatch.setattr(advframe_srouda, "meta_step", real)
+        resumed = Run.resume(host, out)
+        resumed.train()
+        a, b = weights(whole), weights(resumed)
+        for key, value in a.items():
+            assert torch.equal(value, b[key]), (stop_at, key)
