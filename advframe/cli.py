@@ -198,7 +198,7 @@ def evaluate(run_dir, attacks, overrides):
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="safetensors weights for --model.")
 @click.option("--surrogate", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory of a surrogate model, for attacks that take one (e.g. mcg).")
-@click.option("--examples", type=int, help="Attack the first N test examples.")
+@click.option("--examples", type=int, help="Attack N test examples (a fixed random subset, the same for every run).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a setting (data.*, attack.eps, plugins.*).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), help="Results file (JSON).")
 def attack(run_dir, attacks, model_spec, weights, surrogate, examples, overrides, out_file):

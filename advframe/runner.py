@@ -472,7 +472,10 @@ class Run:
         dataset = self.splits.test
         limit = self.config["eval"]["max_examples"]
         if limit and limit < len(dataset):
-            dataset = dataset.subset(torch.arange(limit))
+            # a fixed random subset, the same for every run and seed: the splits are stored class by
+            # class, so the first examples would be a few classes only
+            chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
+            dataset = dataset.subset(chosen.sort().values)
         self.model.eval()
         start = {"process_seconds": time.process_time(), "wall_seconds": time.perf_counter()}
         metrics: dict[str, Any] = {}

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -218,3 +219,15 @@ def test_learning_rate_schedules():
     assert learning_rate(1.0, 0.4, config, 10) == pytest.approx(1.0) and learning_rate(1.0, 1.0, config, 10) == 0
     config = {"schedule": "cosine", "milestones": [], "warmup_epochs": 2.0}
     assert learning_rate(1.0, 0.1, config, 10) == pytest.approx(0.5)
+
+
+def test_max_examples_evaluates_a_fixed_subset_of_many_classes(tmp_path):
+    host = make_host()
+    embedded = ["data.name=mnist", "data.train_size=128", "eval.max_examples=30", "train.epochs=1"]
+    first = Run.start(host, tiny_config(host, "erm", embedded), tmp_path / "a").execute()
+    per_class = first["metrics"]["per_class_robust_accuracy"]
+    assert first["eval_examples"] == 30
+    assert sum(not math.isnan(v) for v in per_class) >= 8  # the split is stored class by class
+    again = Run.start(host, tiny_config(host, "erm", [*embedded, "seed=1"]), tmp_path / "b").execute()
+    present = lambda results: [math.isnan(v) for v in results["metrics"]["per_class_robust_accuracy"]]
+    assert present(first) == present(again)  # the same examples whatever the seed
