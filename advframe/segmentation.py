@@ -22,7 +22,8 @@ import torch
 
 from advframe.data import SPLIT_SEED, ArrayDataset, Splits, _mnist_subset
 from advframe.episodes import Task
-from advframe.errors import ConfigError, DataError
+from advframe.errors import ConfigError, DataError, PluginError
+from advframe.models import eval_mode, unwrap
 
 BACKGROUND = "background"
 
@@ -156,3 +157,57 @@ def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, size: tup
     similarity = torch.einsum("bchw,pc->bphw", torch.nn.functional.normalize(features, dim=1),
                               torch.nn.functional.normalize(prototypes, dim=1))
     return torch.nn.functional.interpolate(scale * similarity, size=size, mode="bilinear", align_corners=False)
+
+
+def support_prototypes(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Background and foreground prototypes (``2 x C``) of a K-shot support: masked average pooling
+    per shot, then the mean over shots (PANet's getFeatures / getPrototype)."""
+    masks = masks.to(features.dtype)
+    per_shot = [torch.stack([masked_average_pooling(f[None], 1 - m[None]), masked_average_pooling(f[None], m[None])])
+                for f, m in zip(features, masks)]
+    return torch.stack(per_shot).mean(0)
+
+
+def segmentation_episodes(batch, plugin: str) -> list[Task]:
+    """The episodes of a training batch, or one clear error when the run is not few-shot segmentation."""
+    tasks = batch if isinstance(batch, list) else [batch]
+    if not tasks or not all(isinstance(t, Task) and t.support_labels.dim() == 3 for t in tasks):
+        raise PluginError(f"{plugin} trains on segmentation episodes (a mask per image): use data.name="
+                          f"mnist-segmentation or segmentation-folder with meta.episodic_training=true")
+    return tasks
+
+
+def check_feature_maps(model: torch.nn.Module, ctx) -> int:
+    """The number of channels of the model's feature maps; a model that returns anything else is refused."""
+    with torch.no_grad(), eval_mode(model):
+        features = model(torch.zeros(1, *ctx.input_shape, device=ctx.device))
+    if features.dim() != 4:
+        raise PluginError(f"{ctx.current_plugin} needs a model returning feature maps (B x C x h x w), but it "
+                          f"returns {tuple(features.shape)}; use model.name=seg-encoder")
+    return features.shape[1]
+
+
+class PrototypeSegmenter(torch.nn.Module):
+    """An adapted few-shot segmenter: query images -> per-pixel logits ``(B, 2, H, W)`` (background,
+    foreground) against prototypes fixed from the support; the feature model runs in eval mode."""
+
+    def __init__(self, model: torch.nn.Module, prototypes: torch.Tensor, scale: float):
+        super().__init__()
+        self.model, self.scale = model, scale
+        self.register_buffer("prototypes", prototypes.detach())
+
+    @classmethod
+    def from_support(cls, model: torch.nn.Module, support, scale: float, plugin: str) -> PrototypeSegmenter:
+        """``adapt_task`` for prototype segmenters: prototypes from the support alone, no gradient."""
+        inputs, masks = support
+        if masks.dim() != 3:
+            raise PluginError(f"{plugin} adapts to segmentation supports (a mask per image): use data.name="
+                              f"mnist-segmentation or segmentation-folder")
+        model = unwrap(model)
+        with eval_mode(model), torch.no_grad():
+            prototypes = support_prototypes(model(inputs), masks)
+        return cls(model, prototypes, scale)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with eval_mode(self.model):
+            return prototype_logits(self.model(inputs), self.prototypes, inputs.shape[-2:], self.scale)

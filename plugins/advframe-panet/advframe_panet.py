@@ -42,8 +42,13 @@ from torch import nn
 
 from advframe import PluginError, hookimpl
 from advframe.episodes import Task
-from advframe.models import eval_mode, unwrap
-from advframe.segmentation import masked_average_pooling, prototype_logits
+from advframe.segmentation import (
+    PrototypeSegmenter,
+    check_feature_maps,
+    prototype_logits,
+    segmentation_episodes,
+    support_prototypes,
+)
 
 
 @hookimpl
@@ -72,56 +77,33 @@ def check_settings(settings: dict) -> None:
 @hookimpl
 def setup(model, ctx):
     check_settings(ctx.settings)
-    with torch.no_grad(), eval_mode(model):
-        features = model(torch.zeros(1, *ctx.input_shape, device=ctx.device))
-    if features.dim() != 4:
-        raise PluginError(f"panet needs a model returning feature maps (B x C x h x w), but it returns "
-                          f"{tuple(features.shape)}; use model.name=seg-encoder")
+    check_feature_maps(model, ctx)
 
 
 # -- the method ----------------------------------------------------------------------------------
 
-def prototypes(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Background and foreground prototypes (``2 x C``): masked average pooling per shot, then the
-    mean over shots (the official getFeatures / getPrototype)."""
-    masks = masks.to(features.dtype)
-    per_shot = [torch.stack([masked_average_pooling(f[None], 1 - m[None]), masked_average_pooling(f[None], m[None])])
-                for f, m in zip(features, masks)]
-    return torch.stack(per_shot).mean(0)
-
-
 def episode_loss(model: nn.Module, task: Task, settings: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """L_seg (+ PAR) of one episode; support and query encoded in one pass."""
     support, masks = task.support
-    if masks.dim() != 3:
-        raise PluginError("panet trains on segmentation episodes (masks per pixel): use data.name="
-                          "mnist-segmentation or segmentation-folder with meta.episodic_training=true")
     features = model(torch.cat([support, task.query_inputs]))
     support_features, query_features = features[: len(support)], features[len(support):]
     size, scale = support.shape[-2:], settings["scale"]
-    logits = prototype_logits(query_features, prototypes(support_features, masks), size, scale)
+    logits = prototype_logits(query_features, support_prototypes(support_features, masks), size, scale)
     seg = F.cross_entropy(logits, task.query_labels)
     loss, logs = seg, {"seg_loss": seg.item()}
     if settings["align_weight"] > 0:
         predicted = logits.detach().argmax(1)
-        aligned = prototype_logits(support_features, prototypes(query_features, predicted), size, scale)
+        aligned = prototype_logits(support_features, support_prototypes(query_features, predicted), size, scale)
         align = F.cross_entropy(aligned, masks)
         loss = loss + settings["align_weight"] * align
         logs["align_loss"] = align.item()
     return loss, logs
 
 
-def episodes(batch) -> list[Task]:
-    if not (isinstance(batch, list) and batch and all(isinstance(t, Task) for t in batch)):
-        raise PluginError("panet trains on segmentation episodes: set meta.episodic_training=true "
-                          "(advframe run --plugin panet sets it)")
-    return batch
-
-
 @hookimpl
 def training_step(model, batch, ctx):
     losses, logs = [], {}
-    for task in episodes(batch):
+    for task in segmentation_episodes(batch, "panet"):
         loss, parts = episode_loss(model, task, ctx.settings)
         losses.append(loss)
         for key, value in parts.items():
@@ -129,27 +111,6 @@ def training_step(model, batch, ctx):
     return {"loss": torch.stack(losses).mean(), **logs}
 
 
-class PrototypeSegmenter(nn.Module):
-    """The adapted predictor: query images -> per-pixel logits ``(B, 2, H, W)`` against fixed
-    (detached) support prototypes; the model runs in eval mode."""
-
-    def __init__(self, model: nn.Module, centres: torch.Tensor, scale: float):
-        super().__init__()
-        self.model, self.scale = model, scale
-        self.register_buffer("prototypes", centres.detach())
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        with eval_mode(self.model):
-            return prototype_logits(self.model(inputs), self.prototypes, inputs.shape[-2:], self.scale)
-
-
 @hookimpl
 def adapt_task(model, support, ctx):
-    inputs, masks = support
-    if masks.dim() != 3:
-        raise PluginError("panet adapts to segmentation supports (a mask per image): use data.name="
-                          "mnist-segmentation or segmentation-folder")
-    model = unwrap(model)
-    with eval_mode(model), torch.no_grad():
-        centres = prototypes(model(inputs), masks)
-    return PrototypeSegmenter(model, centres, ctx.settings["scale"])
+    return PrototypeSegmenter.from_support(model, support, ctx.settings["scale"], "panet")

@@ -52,22 +52,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from advframe import PluginError, hookimpl
-from advframe.episodes import Task
-from advframe.models import eval_mode, unwrap
-from advframe.segmentation import masked_average_pooling, prototype_logits
-
-FIXED_STEP = {"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams"}
-ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
+from advframe.models import unwrap
+from advframe.ode import ODE_DEFAULTS, ode_encoder
+from advframe.segmentation import PrototypeSegmenter, prototype_logits, segmentation_episodes, support_prototypes
 
 
 @hookimpl
 def default_config():
-    return {"scale": 20.0, "ode_time": 4.0, "ode_layers": 3, "solver": "rk4", "steps": 8, "rtol": 1.0e-3,
-            "atol": 1.0e-3, "max_steps": 1000, "adjoint": False, "zero_init": True}
+    return {"scale": 20.0, **ODE_DEFAULTS}
 
 
 @hookimpl
@@ -81,122 +75,11 @@ def run_defaults():
                      "tasks_per_batch": 5, "tasks_per_epoch": 300, "test_tasks": 300}}
 
 
-def check_settings(settings: dict) -> None:
-    if settings["solver"] not in FIXED_STEP | ADAPTIVE:
-        raise PluginError(f"pnode: plugins.pnode.solver must be a torchdiffeq method "
-                          f"({', '.join(sorted(FIXED_STEP | ADAPTIVE))}), got {settings['solver']!r}")
-    for key in ("scale", "ode_time", "rtol", "atol"):
-        if not settings[key] > 0:
-            raise PluginError(f"pnode: plugins.pnode.{key} must be > 0, got {settings[key]}")
-    for key in ("ode_layers", "steps", "max_steps"):
-        if not isinstance(settings[key], int) or settings[key] < 1:
-            raise PluginError(f"pnode: plugins.pnode.{key} must be a whole number >= 1, got {settings[key]!r}")
-
-
-# -- the neural-ODE block -----------------------------------------------------------------------------
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels), channels)
-
-
-class TimeConv(nn.Module):
-    """A 3x3 convolution that sees the time ``t`` as one more input channel."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels + 1, channels, 3, padding=1)
-
-    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([torch.ones_like(z[:, :1]) * t, z], 1))
-
-
-class ODEFunc(nn.Module):
-    """f_psi(z, t): GroupNorm, then ``layers`` x [ReLU, time-conditioned conv, GroupNorm]; with
-    ``zero_init`` the last GroupNorm's scale starts at 0."""
-
-    def __init__(self, channels: int, layers: int = 3, zero_init: bool = True):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.convs = nn.ModuleList(TimeConv(channels) for _ in range(layers))
-        self.norms = nn.ModuleList(group_norm(channels) for _ in range(layers))
-        if zero_init:  # f_psi = 0 at the start: the flow begins as the identity map
-            nn.init.zeros_(self.norms[-1].weight)
-        self.nfe = 0
-
-    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
-        out = self.norm(z)
-        for conv, norm in zip(self.convs, self.norms):
-            out = norm(conv(t, F.relu(out)))
-        return out
-
-
-class ODEBlock(nn.Module):
-    """z(0) -> z(T) with a torchdiffeq solver; gradients flow through the solver (or the adjoint)."""
-
-    def __init__(self, channels: int, *, ode_time=4.0, ode_layers=3, solver="rk4", steps=8, rtol=1e-3, atol=1e-3,
-                 max_steps=1000, adjoint=False, zero_init=True):
-        super().__init__()
-        self.func = ODEFunc(channels, ode_layers, zero_init)
-        self.time, self.solver, self.steps = float(ode_time), solver, steps
-        self.rtol, self.atol, self.max_steps, self.adjoint = rtol, atol, max_steps, adjoint
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        times = torch.tensor([0.0, self.time], dtype=z.dtype, device=z.device)
-        if self.solver in ADAPTIVE:
-            options = {"max_num_steps": self.max_steps}
-        else:
-            options = {"step_size": self.time / self.steps}
-        solve = odeint_adjoint if self.adjoint else odeint
-        return solve(self.func, z, times, rtol=self.rtol, atol=self.atol, method=self.solver, options=options)[-1]
-
-
-class ODEEncoder(nn.Module):
-    """The run's encoder followed by the ODE block: the model PNODE trains, saves and restores."""
-
-    def __init__(self, encoder: nn.Module, ode: ODEBlock):
-        super().__init__()
-        self.encoder, self.ode = encoder, ode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ode(self.encoder(x))
-
-
-def feature_channels(model: nn.Module, ctx) -> int:
-    with torch.no_grad(), eval_mode(model):
-        features = model(torch.zeros(1, *ctx.input_shape, device=ctx.device))
-    if features.dim() != 4:
-        raise PluginError(f"{ctx.current_plugin} needs a model returning feature maps (B x C x h x w), but it "
-                          f"returns {tuple(features.shape)}; use model.name=seg-encoder")
-    return features.shape[1]
-
-
 @hookimpl
 def setup(model, ctx):
-    settings = ctx.settings
-    check_settings(settings)
-    channels = feature_channels(model, ctx)
-    ode = ODEBlock(channels, **{key: settings[key] for key in ("ode_time", "ode_layers", "solver", "steps", "rtol",
-                                                                 "atol", "max_steps", "adjoint", "zero_init")})
-    return ODEEncoder(model, ode)
-
-
-# -- the prototype segmenter ------------------------------------------------------------------------
-
-def prototypes(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Background and foreground prototypes (``2 x C``): masked average pooling per shot, then the
-    mean over shots (the official getFeatures / getPrototype)."""
-    masks = masks.to(features.dtype)
-    per_shot = [torch.stack([masked_average_pooling(f[None], 1 - m[None]), masked_average_pooling(f[None], m[None])])
-                for f, m in zip(features, masks)]
-    return torch.stack(per_shot).mean(0)
-
-
-def check_task(task: Task) -> Task:
-    if not isinstance(task, Task) or task.support_labels.dim() != 3:
-        raise PluginError("pnode trains on segmentation episodes (a mask per image): use data.name="
-                          "mnist-segmentation or segmentation-folder with meta.episodic_training=true")
-    return task
+    if not ctx.settings["scale"] > 0:
+        raise PluginError(f"pnode: plugins.pnode.scale must be > 0, got {ctx.settings['scale']}")
+    return ode_encoder(model, ctx)
 
 
 @hookimpl
@@ -204,36 +87,16 @@ def training_step(model, batch, ctx):
     ode = unwrap(model).ode
     ode.func.nfe = 0
     losses = []
-    for task in (check_task(t) for t in (batch if isinstance(batch, list) else [batch])):
+    tasks = segmentation_episodes(batch, "pnode")
+    for task in tasks:
         support, masks = task.support
         features = model(torch.cat([support, task.query_inputs]))
-        centres = prototypes(features[: len(support)], masks)
+        centres = support_prototypes(features[: len(support)], masks)
         logits = prototype_logits(features[len(support):], centres, support.shape[-2:], ctx.settings["scale"])
         losses.append(F.cross_entropy(logits, task.query_labels))
     return {"loss": torch.stack(losses).mean(), "nfe": ode.func.nfe / len(losses)}
 
 
-class PrototypeSegmenter(nn.Module):
-    """The adapted predictor: query images -> per-pixel logits ``(B, 2, H, W)`` against fixed
-    (detached) support prototypes; the model (encoder + ODE) runs in eval mode."""
-
-    def __init__(self, model: nn.Module, centres: torch.Tensor, scale: float):
-        super().__init__()
-        self.model, self.scale = model, scale
-        self.register_buffer("prototypes", centres.detach())
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        with eval_mode(self.model):
-            return prototype_logits(self.model(inputs), self.prototypes, inputs.shape[-2:], self.scale)
-
-
 @hookimpl
 def adapt_task(model, support, ctx):
-    inputs, masks = support
-    if masks.dim() != 3:
-        raise PluginError("pnode adapts to segmentation supports (a mask per image): use data.name="
-                          "mnist-segmentation or segmentation-folder")
-    model = unwrap(model)
-    with eval_mode(model), torch.no_grad():
-        centres = prototypes(model(inputs), masks)
-    return PrototypeSegmenter(model, centres, ctx.settings["scale"])
+    return PrototypeSegmenter.from_support(model, support, ctx.settings["scale"], "pnode")

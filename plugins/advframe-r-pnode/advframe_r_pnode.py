@@ -70,23 +70,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchdiffeq import odeint, odeint_adjoint
 
 from advframe import PluginError, hookimpl
 from advframe.episodes import Task
 from advframe.losses import kl_to_clean
-from advframe.models import eval_mode, unwrap
-from advframe.segmentation import masked_average_pooling, prototype_logits
-
-FIXED_STEP = {"euler", "midpoint", "rk4", "heun2", "heun3", "explicit_adams", "implicit_adams", "fixed_adams"}
-ADAPTIVE = {"dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"}
+from advframe.models import unwrap
+from advframe.ode import ODE_DEFAULTS, ode_encoder
+from advframe.segmentation import PrototypeSegmenter, prototype_logits, segmentation_episodes, support_prototypes
 
 
 @hookimpl
 def default_config():
-    return {"scale": 20.0, "ode_time": 4.0, "ode_layers": 3, "solver": "rk4", "steps": 8, "rtol": 1.0e-3,
-            "atol": 1.0e-3, "max_steps": 1000, "adjoint": False, "zero_init": True, "cluster_weight": 1.0,
-            "cluster_sets": "both", "separation_weight": 0.0, "consistency_weight": 1.0, "consistency": "features",
+    return {"scale": 20.0, **ODE_DEFAULTS, "cluster_weight": 1.0, "cluster_sets": "both", "separation_weight": 0.0, "consistency_weight": 1.0, "consistency": "features",
             "noise_std": 0.1}
 
 
@@ -111,122 +106,17 @@ def check_settings(settings: dict) -> None:
     if settings["consistency"] not in ("features", "kl"):
         raise PluginError(f"r-pnode: plugins.r-pnode.consistency must be features or kl, "
                           f"got {settings['consistency']!r}")
-    if settings["solver"] not in FIXED_STEP | ADAPTIVE:
-        raise PluginError(f"r-pnode: plugins.r-pnode.solver must be a torchdiffeq method "
-                          f"({', '.join(sorted(FIXED_STEP | ADAPTIVE))}), got {settings['solver']!r}")
-    for key in ("scale", "ode_time", "rtol", "atol"):
-        if not settings[key] > 0:
-            raise PluginError(f"r-pnode: plugins.r-pnode.{key} must be > 0, got {settings[key]}")
-    for key in ("ode_layers", "steps", "max_steps"):
-        if not isinstance(settings[key], int) or settings[key] < 1:
-            raise PluginError(f"r-pnode: plugins.r-pnode.{key} must be a whole number >= 1, got {settings[key]!r}")
-
-
-# -- the neural-ODE block -----------------------------------------------------------------------------
-
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, channels), channels)
-
-
-class TimeConv(nn.Module):
-    """A 3x3 convolution that sees the time ``t`` as one more input channel."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels + 1, channels, 3, padding=1)
-
-    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat([torch.ones_like(z[:, :1]) * t, z], 1))
-
-
-class ODEFunc(nn.Module):
-    """f_psi(z, t): GroupNorm, then ``layers`` x [ReLU, time-conditioned conv, GroupNorm]; with
-    ``zero_init`` the last GroupNorm's scale starts at 0."""
-
-    def __init__(self, channels: int, layers: int = 3, zero_init: bool = True):
-        super().__init__()
-        self.norm = group_norm(channels)
-        self.convs = nn.ModuleList(TimeConv(channels) for _ in range(layers))
-        self.norms = nn.ModuleList(group_norm(channels) for _ in range(layers))
-        if zero_init:  # f_psi = 0 at the start: the flow begins as the identity map
-            nn.init.zeros_(self.norms[-1].weight)
-        self.nfe = 0
-
-    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
-        out = self.norm(z)
-        for conv, norm in zip(self.convs, self.norms):
-            out = norm(conv(t, F.relu(out)))
-        return out
-
-
-class ODEBlock(nn.Module):
-    """z(0) -> z(T) with a torchdiffeq solver; gradients flow through the solver (or the adjoint)."""
-
-    def __init__(self, channels: int, *, ode_time=4.0, ode_layers=3, solver="rk4", steps=8, rtol=1e-3, atol=1e-3,
-                 max_steps=1000, adjoint=False, zero_init=True):
-        super().__init__()
-        self.func = ODEFunc(channels, ode_layers, zero_init)
-        self.time, self.solver, self.steps = float(ode_time), solver, steps
-        self.rtol, self.atol, self.max_steps, self.adjoint = rtol, atol, max_steps, adjoint
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        times = torch.tensor([0.0, self.time], dtype=z.dtype, device=z.device)
-        if self.solver in ADAPTIVE:
-            options = {"max_num_steps": self.max_steps}
-        else:
-            options = {"step_size": self.time / self.steps}
-        solve = odeint_adjoint if self.adjoint else odeint
-        return solve(self.func, z, times, rtol=self.rtol, atol=self.atol, method=self.solver, options=options)[-1]
-
-
-class ODEEncoder(nn.Module):
-    """The run's encoder followed by the ODE block: the model PNODE trains, saves and restores."""
-
-    def __init__(self, encoder: nn.Module, ode: ODEBlock):
-        super().__init__()
-        self.encoder, self.ode = encoder, ode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ode(self.encoder(x))
-
-
-def feature_channels(model: nn.Module, ctx) -> int:
-    with torch.no_grad(), eval_mode(model):
-        features = model(torch.zeros(1, *ctx.input_shape, device=ctx.device))
-    if features.dim() != 4:
-        raise PluginError(f"{ctx.current_plugin} needs a model returning feature maps (B x C x h x w), but it "
-                          f"returns {tuple(features.shape)}; use model.name=seg-encoder")
-    return features.shape[1]
+    if not settings["scale"] > 0:
+        raise PluginError(f"r-pnode: plugins.r-pnode.scale must be > 0, got {settings['scale']}")
 
 
 @hookimpl
 def setup(model, ctx):
-    settings = ctx.settings
-    check_settings(settings)
-    channels = feature_channels(model, ctx)
-    ode = ODEBlock(channels, **{key: settings[key] for key in ("ode_time", "ode_layers", "solver", "steps", "rtol",
-                                                                 "atol", "max_steps", "adjoint", "zero_init")})
-    return ODEEncoder(model, ode)
+    check_settings(ctx.settings)
+    return ode_encoder(model, ctx)
 
 
-# -- the prototype segmenter ------------------------------------------------------------------------
-
-def prototypes(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Background and foreground prototypes (``2 x C``): masked average pooling per shot, then the
-    mean over shots (the official getFeatures / getPrototype)."""
-    masks = masks.to(features.dtype)
-    per_shot = [torch.stack([masked_average_pooling(f[None], 1 - m[None]), masked_average_pooling(f[None], m[None])])
-                for f, m in zip(features, masks)]
-    return torch.stack(per_shot).mean(0)
-
-
-def check_task(task: Task) -> Task:
-    if not isinstance(task, Task) or task.support_labels.dim() != 3:
-        raise PluginError("r-pnode trains on segmentation episodes (a mask per image): use data.name="
-                          "mnist-segmentation or segmentation-folder with meta.episodic_training=true")
-    return task
-
+# -- the regularisers ---------------------------------------------------------------------------------
 
 def cluster_loss(features: torch.Tensor, masks: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """sum_c mean_{u in Omega_c} (1 - cos(F(u), p_c)) over background (c = 0) and foreground (c = 1):
@@ -260,7 +150,7 @@ def episode_losses(model: nn.Module, task: Task, settings: dict, generator: torc
     inputs = torch.cat([support, task.query_inputs])
     features = model(inputs)
     shots, size, scale = len(support), support.shape[-2:], settings["scale"]
-    centres = prototypes(features[:shots], masks)
+    centres = support_prototypes(features[:shots], masks)
     logits = prototype_logits(features[shots:], centres, size, scale)
     losses = {"seg_loss": F.cross_entropy(logits, task.query_labels)}
     if settings["cluster_weight"] > 0:
@@ -287,7 +177,7 @@ def training_step(model, batch, ctx):
     settings = ctx.settings
     ode = unwrap(model).ode
     ode.func.nfe = 0
-    tasks = [check_task(t) for t in (batch if isinstance(batch, list) else [batch])]
+    tasks = segmentation_episodes(batch, "r-pnode")
     total, logs = 0.0, {}
     for task in tasks:
         for name, value in episode_losses(model, task, settings, ctx.generator).items():
@@ -297,27 +187,6 @@ def training_step(model, batch, ctx):
     return {"loss": total, **logs, "nfe": ode.func.nfe / len(tasks)}
 
 
-class PrototypeSegmenter(nn.Module):
-    """The adapted predictor: query images -> per-pixel logits ``(B, 2, H, W)`` against fixed
-    (detached) support prototypes; the model (encoder + ODE) runs in eval mode."""
-
-    def __init__(self, model: nn.Module, centres: torch.Tensor, scale: float):
-        super().__init__()
-        self.model, self.scale = model, scale
-        self.register_buffer("prototypes", centres.detach())
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        with eval_mode(self.model):
-            return prototype_logits(self.model(inputs), self.prototypes, inputs.shape[-2:], self.scale)
-
-
 @hookimpl
 def adapt_task(model, support, ctx):
-    inputs, masks = support
-    if masks.dim() != 3:
-        raise PluginError("r-pnode adapts to segmentation supports (a mask per image): use data.name="
-                          "mnist-segmentation or segmentation-folder")
-    model = unwrap(model)
-    with eval_mode(model), torch.no_grad():
-        centres = prototypes(model(inputs), masks)
-    return PrototypeSegmenter(model, centres, ctx.settings["scale"])
+    return PrototypeSegmenter.from_support(model, support, ctx.settings["scale"], "r-pnode")

@@ -11,6 +11,7 @@ import torch
 import advframe_panet
 from advframe import PluginError
 from advframe.runner import Run
+from advframe.segmentation import support_prototypes
 from advframe.testing import make_host, tiny_config
 
 USER = {"data": {"name": "mnist-segmentation", "train_size": 120, "test_size": 60},
@@ -73,9 +74,9 @@ def test_prototypes_come_from_the_support_only_and_adaptation_leaves_the_model_a
     logits = adapted(torch.rand(3, 1, 56, 56))
     assert logits.shape == (3, 2, 56, 56)
     # training: the episode's prototypes do not depend on the query images
-    first = advframe_panet.prototypes(model(task.support_inputs), task.support_labels)
+    first = support_prototypes(model(task.support_inputs), task.support_labels)
     noise_query = torch.cat([task.support_inputs, torch.rand_like(task.query_inputs)])
-    assert torch.allclose(advframe_panet.prototypes(model(noise_query)[:1], task.support_labels), first, atol=1e-6)
+    assert torch.allclose(support_prototypes(model(noise_query)[:1], task.support_labels), first, atol=1e-6)
 
 
 def test_alignment_term_is_logged_and_switches_off(tmp_path):

@@ -1,17 +1,19 @@
-"""pnode: the ODE block (changes with T, gradients reach it, solvers agree), the wrapped model is
+"""pnode: the wrapped model (encoder + the core's ODE block, tested in tests/test_ode.py) is
 trained, saved and restored, prototypes come from the support only, and a tiny run reports Dice.
 
 ``assert_conforms`` is not used: it feeds classification batches (digits, integer labels) to
 ``training_step`` and ``adapt_task``, which a segmentation method rejects by design; the same
 contract pieces are checked here on segmentation episodes."""
 
+import advframe_pnode
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import advframe_pnode
 from advframe import PluginError
+from advframe.ode import ODEEncoder
 from advframe.runner import Run
+from advframe.segmentation import support_prototypes
 from advframe.testing import make_host, tiny_config
 
 USER = {"data": {"name": "mnist-segmentation", "train_size": 120, "test_size": 60},
@@ -27,47 +29,9 @@ def start(tmp_path, overrides=(), name="run"):
     return Run.start(host, tiny_config(host, "pnode", overrides, USER), tmp_path / name)
 
 
-def block(**settings):
-    torch.manual_seed(0)
-    return advframe_pnode.ODEBlock(8, **{"zero_init": False, "steps": 4, **settings})
-
-
-def test_the_ode_output_changes_with_integration_time_and_gradients_reach_it():
-    z = torch.randn(2, 8, 6, 6)
-    ode = block()
-    at_4 = ode(z)
-    ode.time = 1.0
-    at_1 = ode(z)
-    ode.time = 1e-6
-    assert not torch.allclose(at_4, at_1, atol=1e-3) and not torch.allclose(at_4, z, atol=1e-3)
-    assert torch.allclose(ode(z), z, atol=1e-4)  # z(T) -> z(0) as T -> 0
-    ode.time = 4.0
-    z.requires_grad_(True)
-    ode(z).pow(2).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ode.parameters())
-    assert z.grad.abs().sum() > 0  # attacks differentiate through the solver
-
-
-def test_zero_init_starts_as_the_identity_and_still_learns():
-    z = torch.randn(2, 8, 6, 6)
-    ode = advframe_pnode.ODEBlock(8)
-    assert torch.equal(ode(z), z)
-    ode(z).pow(2).sum().backward()
-    assert ode.func.norms[-1].weight.grad.abs().sum() > 0
-
-
-def test_fixed_step_and_adaptive_solvers_agree():
-    z = torch.randn(2, 8, 6, 6)
-    rk4 = block(steps=16)(z)
-    dopri5 = block(solver="dopri5", rtol=1e-5, atol=1e-5)(z)
-    euler = block(solver="euler", steps=1)(z)
-    assert (rk4 - dopri5).abs().max() < 0.05 < (euler - dopri5).abs().max()
-    assert (rk4 - dopri5).abs().mean() * 20 < (euler - dopri5).abs().mean()
-
-
 def test_setup_wraps_the_encoder_and_the_ode_is_trained_saved_and_restored(tmp_path):
     run = start(tmp_path)
-    assert isinstance(run.model, advframe_pnode.ODEEncoder) and run.model.ode.steps == 2
+    assert isinstance(run.model, ODEEncoder) and run.model.ode.steps == 2
     ode_before = [p.detach().clone() for p in run.model.ode.parameters()]
     results = run.execute()
     metrics = results["metrics"]
@@ -87,11 +51,11 @@ def test_prototypes_come_from_the_support_only(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert adapted.prototypes.shape == (2, 8) and not adapted.prototypes.requires_grad
     with torch.no_grad():
-        expected = advframe_pnode.prototypes(model(task.support_inputs), task.support_labels)
+        expected = support_prototypes(model(task.support_inputs), task.support_labels)
         assert torch.allclose(adapted.prototypes, expected, atol=1e-6)
         # in a training episode support and query share one forward pass: the query does not move them
         mixed = model(torch.cat([task.support_inputs, torch.rand_like(task.query_inputs)]))
-        assert torch.allclose(advframe_pnode.prototypes(mixed[:1], task.support_labels), expected, atol=1e-5)
+        assert torch.allclose(support_prototypes(mixed[:1], task.support_labels), expected, atol=1e-5)
     assert adapted(task.query_inputs).shape == (1, 2, 56, 56)
 
 

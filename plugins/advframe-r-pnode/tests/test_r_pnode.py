@@ -1,5 +1,5 @@
 """r-pnode: the regularisers are zero where they must be and positive otherwise, they reach the
-training loss and the gradients, the ODE block behaves (changes with T, gradients reach it),
+training loss and the gradients, the model is the core's ODE encoder (tests/test_ode.py),
 prototypes come from the support only, and a tiny run reports Dice.
 
 ``assert_conforms`` is not used: it feeds classification batches (digits, integer labels) to
@@ -8,12 +8,14 @@ contract pieces are checked here on segmentation episodes."""
 
 import json
 
+import advframe_r_pnode as rp
 import pytest
 import torch
 
-import advframe_r_pnode as rp
 from advframe import PluginError
+from advframe.ode import ODEEncoder
 from advframe.runner import Run
+from advframe.segmentation import support_prototypes
 from advframe.testing import make_host, tiny_config
 
 USER = {"data": {"name": "mnist-segmentation", "train_size": 120, "test_size": 60},
@@ -76,7 +78,7 @@ def test_the_episode_losses_are_zero_without_noise_and_reach_the_gradients(tmp_p
 
 def test_training_logs_every_term_and_the_ode_is_trained_and_saved(tmp_path):
     run = start(tmp_path)
-    assert isinstance(run.model, rp.ODEEncoder)
+    assert isinstance(run.model, ODEEncoder)
     before = [p.detach().clone() for p in run.model.ode.parameters()]
     results = run.execute()
     assert any(not torch.equal(b, p) for b, p in zip(before, run.model.ode.parameters()))
@@ -88,26 +90,15 @@ def test_training_logs_every_term_and_the_ode_is_trained_and_saved(tmp_path):
     assert results["cost"]["gradient_evaluations"] == 8 * 2 * 2
 
 
-def test_the_ode_block_changes_with_integration_time_and_gradients_reach_it():
-    torch.manual_seed(0)
-    ode = rp.ODEBlock(8, zero_init=False, steps=4)
-    z = torch.randn(2, 8, 6, 6, requires_grad=True)
-    at_4 = ode(z)
-    ode.time = 1.0
-    assert not torch.allclose(ode(z), at_4, atol=1e-3)
-    at_4.pow(2).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ode.parameters()) and z.grad.abs().sum() > 0
-
-
 def test_prototypes_come_from_the_support_only(tmp_path):
     run = start(tmp_path)
     ctx, model, task = run.ctx, run.model, run.ctx.test_tasks[0]
     adapted = ctx.call("adapt_task", "r-pnode", model=model, support=task.support)
     with torch.no_grad():
-        expected = rp.prototypes(model(task.support_inputs), task.support_labels)
+        expected = support_prototypes(model(task.support_inputs), task.support_labels)
         mixed = model(torch.cat([task.support_inputs, torch.rand_like(task.query_inputs)]))
     assert torch.allclose(adapted.prototypes, expected, atol=1e-6) and not adapted.prototypes.requires_grad
-    assert torch.allclose(rp.prototypes(mixed[:1], task.support_labels), expected, atol=1e-5)
+    assert torch.allclose(support_prototypes(mixed[:1], task.support_labels), expected, atol=1e-5)
 
 
 def test_bad_settings_raise_one_clear_error(tmp_path):
