@@ -9,6 +9,7 @@ adapted predictor as an ``nn.Module`` (attacks and evaluation take modules).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -53,3 +54,31 @@ class AdaptedModel(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return functional_forward(self.model, self.params, inputs)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, active: bool = True):
+    """Every BatchNorm layer normalises with the statistics of the batch it sees, running buffers
+    neither read nor written (MAML's transductive convention); ``active=False`` changes nothing."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if active else []
+    saved = [(m.training, m.track_running_stats) for m in layers]
+    for layer in layers:
+        layer.training, layer.track_running_stats = True, False
+    try:
+        yield model
+    finally:
+        for layer, (training, tracking) in zip(layers, saved):
+            layer.training, layer.track_running_stats = training, tracking
+
+
+class TaskPredictor(AdaptedModel):
+    """The adapted parameters as a module, on the task's first ``ways`` logits (an N-way head inside
+    a wider one), with BatchNorm on batch statistics when ``transductive``."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], transductive: bool, ways: int):
+        super().__init__(model, params)
+        self.transductive, self.ways = transductive, ways
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        with batch_statistics(self.model, self.transductive):
+            return super().forward(inputs)[:, : self.ways]

@@ -53,15 +53,13 @@ contract check passes one): it is one task, its first half the support and its s
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from advframe import PluginError, hookimpl, models
 from advframe.episodes import Task
-from advframe.meta import AdaptedModel, functional_forward, inner_loop
+from advframe.meta import TaskPredictor, batch_statistics, functional_forward, inner_loop
 from advframe.models import eval_mode, unwrap
 
 DEFAULTS = {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 10, "first_order": False,
@@ -96,35 +94,9 @@ def checked(ctx) -> dict:
 
 # -- the adapted predictor and its BatchNorm convention ---------------------------------------------
 
-@contextlib.contextmanager
-def batch_statistics(model: nn.Module):
-    """Every BatchNorm layer normalises with its batch's statistics; running buffers untouched."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.training, m.track_running_stats) for m in layers]
-    for layer in layers:
-        layer.training, layer.track_running_stats = True, False
-    try:
-        yield model
-    finally:
-        for layer, (training, tracking) in zip(layers, saved):
-            layer.training, layer.track_running_stats = training, tracking
-
-
-class TaskPredictor(AdaptedModel):
-    """The model at adapted weights under the run's BatchNorm convention, on the task's ``ways`` logits."""
-
-    def __init__(self, model: nn.Module, params: dict, transductive: bool, ways: int):
-        super().__init__(model, params)
-        self.transductive, self.ways = transductive, ways
-
-    def forward(self, inputs):
-        with batch_statistics(self.model) if self.transductive else contextlib.nullcontext():
-            return super().forward(inputs)[:, : self.ways]
-
-
 def adapt(model: nn.Module, support: tuple, settings: dict, ways: int) -> TaskPredictor:
     transductive = settings["batch_norm"] == "transductive"
-    with torch.enable_grad(), eval_mode(model), batch_statistics(model) if transductive else contextlib.nullcontext():
+    with torch.enable_grad(), eval_mode(model), batch_statistics(model, transductive):
         params = inner_loop(model, support, steps=settings["test_inner_steps"], lr=settings["inner_lr"],
                             first_order=True, loss_fn=lambda logits, labels: F.cross_entropy(logits[:, :ways], labels))
     return TaskPredictor(model, params, transductive, ways)

@@ -63,8 +63,6 @@ Settings (``plugins.robust-maml``)::
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,7 +71,7 @@ from advframe import PluginError, hookimpl, intrinsic_dimension, models
 from advframe.attacks import pgd, step_size
 from advframe.episodes import Task
 from advframe.losses import kl_to_clean
-from advframe.meta import AdaptedModel, functional_forward, inner_loop
+from advframe.meta import TaskPredictor, batch_statistics, functional_forward, inner_loop
 from advframe.models import embed, eval_mode, unwrap
 
 DEFAULTS = {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 10, "first_order": False,
@@ -116,34 +114,6 @@ def checked(ctx) -> dict:
         raise PluginError("robust-maml: adversarial_querying drops the clean term, which TRADES needs; "
                           "use regulariser=at with it")
     return settings
-
-
-# -- the adapted predictor (the same convention as the maml plugin; see the README) ------------------
-
-@contextlib.contextmanager
-def batch_statistics(model: nn.Module, active: bool = True):
-    """BatchNorm on the statistics of each batch, running buffers neither read nor written."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if active else []
-    saved = [(m.training, m.track_running_stats) for m in layers]
-    for layer in layers:
-        layer.training, layer.track_running_stats = True, False
-    try:
-        yield model
-    finally:
-        for layer, (training, tracking) in zip(layers, saved):
-            layer.training, layer.track_running_stats = training, tracking
-
-
-class TaskPredictor(AdaptedModel):
-    """theta' as a module under the BatchNorm convention, on the task's ``ways`` logits."""
-
-    def __init__(self, model: nn.Module, params: dict, transductive: bool, ways: int):
-        super().__init__(model, params)
-        self.transductive, self.ways = transductive, ways
-
-    def forward(self, inputs):
-        with batch_statistics(self.model, self.transductive):
-            return super().forward(inputs)[:, : self.ways]
 
 
 @hookimpl

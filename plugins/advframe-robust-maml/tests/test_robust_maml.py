@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import advframe_robust_maml as plugin
 from advframe import PluginError
 from advframe.episodes import EpisodeSampler
-from advframe.meta import functional_forward, inner_loop
+from advframe.meta import batch_statistics, functional_forward, inner_loop
 from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config
 
@@ -74,7 +74,7 @@ def test_the_regulariser_is_computed_at_the_adapted_weights(tmp_path, monkeypatc
     assert torch.equal(inputs, task.query_inputs) and loss == ("kl" if regulariser == "trades" else "ce")
     # the attacked module is theta' (the clean inner loop on the support), not the meta-parameters theta
     adapted = inner_loop(run.model, task.support, steps=1, lr=run.config["plugins"][NAME]["inner_lr"], first_order=True)
-    with torch.no_grad(), plugin.batch_statistics(run.model):
+    with torch.no_grad(), batch_statistics(run.model):
         at_adapted = functional_forward(run.model, adapted, inputs)
         at_meta = run.model(inputs)
         attacked_logits = predictor(inputs)
