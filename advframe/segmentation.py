@@ -211,3 +211,16 @@ class PrototypeSegmenter(torch.nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with eval_mode(self.model):
             return prototype_logits(self.model(inputs), self.prototypes, inputs.shape[-2:], self.scale)
+
+
+def segmentation_run_defaults() -> dict:
+    """``run_defaults`` of a few-shot segmentation method: the embedded MNIST segmentation task,
+    1-way 1-shot episodes with one query (5 per step, 300 an epoch, 5 epochs), 300 fixed test tasks,
+    FGSM and PGD-10 on the query at eps 0.1 without early stop (success is per pixel)."""
+    return {"data": {"name": "mnist-segmentation"}, "model": {"name": "seg-encoder"},
+            "train": {"epochs": 5, "monitor_examples": 0},
+            "attack": {"name": "pgd", "eps": 0.1},
+            "eval": {"attacks": [{"name": "fgsm", "stop_on_success": False},
+                                 {"name": "pgd", "steps": 10, "restarts": 1, "stop_on_success": False}]},
+            "meta": {"episodic_training": True, "ways": 1, "queries": 1, "train_shots": 1, "test_shots": 1,
+                     "tasks_per_batch": 5, "tasks_per_epoch": 300, "test_tasks": 300}}

@@ -47,6 +47,7 @@ from advframe.segmentation import (
     check_feature_maps,
     prototype_logits,
     segmentation_episodes,
+    segmentation_run_defaults,
     support_prototypes,
 )
 
@@ -58,13 +59,7 @@ def default_config():
 
 @hookimpl
 def run_defaults():
-    return {"data": {"name": "mnist-segmentation"}, "model": {"name": "seg-encoder"},
-            "train": {"epochs": 5, "monitor_examples": 0},
-            "attack": {"name": "pgd", "eps": 0.1},
-            "eval": {"attacks": [{"name": "fgsm", "stop_on_success": False},
-                                 {"name": "pgd", "steps": 10, "restarts": 1, "stop_on_success": False}]},
-            "meta": {"episodic_training": True, "ways": 1, "queries": 1, "train_shots": 1, "test_shots": 1,
-                     "tasks_per_batch": 5, "tasks_per_epoch": 300, "test_tasks": 300}}
+    return segmentation_run_defaults()
 
 
 def check_settings(settings: dict) -> None:

@@ -5,10 +5,10 @@ PAR, and learning that transfers to unseen digits.
 ``training_step`` and ``adapt_task``, which a segmentation method rejects by design; the same
 contract pieces are checked here on segmentation episodes."""
 
+import advframe_panet
 import pytest
 import torch
 
-import advframe_panet
 from advframe import PluginError
 from advframe.runner import Run
 from advframe.segmentation import support_prototypes
