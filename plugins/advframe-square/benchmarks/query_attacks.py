@@ -5,8 +5,8 @@
 Each run directory is a finished ``advframe run`` (one per seed). The attack runs through the core's
 evaluation path (``ctx.predictions`` / ``ctx.query_statistics``, the attack's randomness from
 ``seed + 999`` as in ``advframe eval``) on a class-balanced random subset of the test split: the same
-``--examples`` images for every run (``eval.max_examples`` would take the first images, which on
-the embedded MNIST are all zeros and ones). ``--set`` takes the keys ``advframe eval`` takes
+``--examples`` images for every run (``eval.max_examples`` takes a fixed random subset, which is not
+balanced). ``--set`` takes the keys ``advframe eval`` takes
 (``attack.norm``, ``attack.eps``, ``plugins.<attack>.*``). Prints one markdown row.
 """
 
