@@ -413,3 +413,20 @@ def penultimate_features(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor
     finally:
         handle.remove()
     return captured[-1].flatten(1)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, inputs, scale):
+        ctx.scale = scale
+        return inputs.view_as(inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(inputs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Gradient reversal (Ganin & Lempitsky 2015): identity forward, gradient times ``-scale``
+    backward, so a feature extractor learns to fool the domain discriminator placed after it."""
+    return _ReverseGradient.apply(inputs, scale)

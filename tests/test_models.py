@@ -64,3 +64,11 @@ def test_penultimate_features_are_the_last_linear_input():
 def test_the_segmentation_encoder_keeps_a_spatial_map():
     encoder = models.build({"name": "seg-encoder", "args": {}}, (1, 56, 56), 2)
     assert encoder(torch.rand(2, 1, 56, 56)).shape == (2, 32, 14, 14)
+
+
+def test_reverse_gradient_is_the_identity_forward_and_flips_the_gradient():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = models.reverse_gradient(x, 0.5)
+    assert torch.equal(y, x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, -0.5))

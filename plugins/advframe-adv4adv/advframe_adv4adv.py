@@ -64,7 +64,7 @@ from torch import nn
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import pgd
-from advframe.models import eval_mode, unwrap
+from advframe.models import eval_mode, reverse_gradient, unwrap
 
 LOGITS, FEATURES = "logit_discriminators", "feature_discriminators"
 
@@ -108,23 +108,7 @@ def checked(settings: dict, epochs: int) -> dict:
     return settings
 
 
-# -- gradient reversal and the class-conditional discriminators -------------------------------------
-
-class _Reverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, inputs, scale):
-        ctx.scale = scale
-        return inputs.view_as(inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.scale * grad, None
-
-
-def reverse_gradient(inputs: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward; the gradient flowing back is multiplied by ``-scale`` (Ganin & Lempitsky 2015)."""
-    return _Reverse.apply(inputs, scale)
-
+# -- the class-conditional discriminators (behind the core's reverse_gradient) ---------------------
 
 class ClassDiscriminators(nn.Module):
     """One small MLP per class; example n is judged by the head of its class ``labels[n]``.

@@ -87,7 +87,7 @@ from torch import nn
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import pgd, step_size
-from advframe.models import eval_mode, unwrap
+from advframe.models import eval_mode, reverse_gradient, unwrap
 
 MODES = ("source_only", "uda", "naive_self_training", "srouda")
 UDA = ("dann", "mdd")
@@ -142,22 +142,6 @@ def self_training(settings: dict) -> bool:
 
 # -- features, gradient reversal, the UDA heads ------------------------------------------------------
 
-class _Reverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, inputs, scale):
-        ctx.scale = scale
-        return inputs.view_as(inputs)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -ctx.scale * grad, None
-
-
-def grl(inputs: torch.Tensor, scale: float) -> torch.Tensor:
-    """Gradient reversal: identity forward, gradient times ``-scale`` backward (Ganin & Lempitsky 2015)."""
-    return _Reverse.apply(inputs, scale)
-
-
 def grl_coefficient(step: int, high: float, max_iters: int) -> float:
     """dalib's warm start: 2 high / (1 + exp(-step / max_iters)) - high, from 0 towards ``high``."""
     return 2.0 * high / (1.0 + math.exp(-step / max_iters)) - high
@@ -201,7 +185,7 @@ class DomainDiscriminator(nn.Module):
 def dann_loss(discriminator: nn.Module, source: torch.Tensor, target: torch.Tensor, scale: float):
     """Domain-adversarial loss: BCE of the discriminator on reversed features (source 1, target 0),
     averaged over the two domains as dalib does; and the discriminator's accuracy."""
-    domain = discriminator(grl(torch.cat([source, target]), scale))
+    domain = discriminator(reverse_gradient(torch.cat([source, target]), scale))
     truth = torch.cat([torch.ones(len(source)), torch.zeros(len(target))]).to(domain)
     d_source, d_target = domain[:len(source)], domain[len(source):]
     loss = 0.5 * (F.binary_cross_entropy_with_logits(d_source, truth[:len(source)])
@@ -217,7 +201,7 @@ def mdd_loss(head: nn.Module, logits_s, features_s, logits_t, features_t, scale:
 
         margin * CE(h'(f_s), argmax h(f_s)) - log(1 - softmax(h'(f_t))[argmax h(f_t)])
     """
-    adv_s, adv_t = head(grl(features_s, scale)), head(grl(features_t, scale))
+    adv_s, adv_t = head(reverse_gradient(features_s, scale)), head(reverse_gradient(features_t, scale))
     source = F.cross_entropy(adv_s, logits_s.detach().argmax(1))
     p_target = adv_t.softmax(1).gather(1, logits_t.detach().argmax(1)[:, None]).squeeze(1)
     target = -torch.log((1 - p_target).clamp_min(1e-6)).mean()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from advframe import PluginError, checkpoint
 from advframe.attacks import pgd
+from advframe.models import reverse_gradient
 from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config, tiny_run
 
@@ -39,7 +40,7 @@ def test_the_domain_gradient_reaching_the_model_is_reversed(scale):
 
     def gradients(reversed_):
         discriminators.zero_grad()
-        inputs = a4a.reverse_gradient(logits, scale) if reversed_ else logits
+        inputs = reverse_gradient(logits, scale) if reversed_ else logits
         a4a.domain_loss(discriminators(inputs, labels), domains, labels, 10).backward()
         grad, logits.grad = logits.grad.clone(), None
         return grad, [p.grad.clone() for p in discriminators.parameters()]
