@@ -34,7 +34,8 @@ layers of 32 channels, stride 2 twice) in :class:`ODEEncoder` and returns it, so
 trained, checkpointed and restored with the encoder, and every attack differentiates through the
 solver with the training solver and tolerances. ``adapt_task`` computes the prototypes from the
 support alone (eval mode, detached) and returns a module mapping query images to per-pixel logits
-``(B, 2, H, W)``. Training logs each loss term and ``nfe`` (ODE function evaluations per forward).
+``(B, 2, H, W)``. Training logs each loss term and ``nfe`` (ODE function evaluations per episode,
+clean and noisy passes together).
 
 Solver: ``rk4`` with ``steps`` fixed steps by default (METHODS.md's CPU check: 8 steps, T = 4); the
 official PNODE solver is ``dopri5`` with rtol = atol = 1e-3 (``solver: dopri5``).
