@@ -82,3 +82,13 @@ class TaskPredictor(AdaptedModel):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         with batch_statistics(self.model, self.transductive):
             return super().forward(inputs)[:, : self.ways]
+
+
+def maml_run_defaults() -> dict:
+    """``run_defaults`` of a MAML-family meta-learner: episodic training on the embedded MNIST few-shot
+    split with Conv-4, no weight decay, a constant learning rate, and PGD-20 without early stop at
+    evaluation (BatchNorm is transductive, so an example's prediction depends on its batch)."""
+    return {"data": {"name": "mnist-fewshot"}, "model": {"name": "conv4"},
+            "train": {"weight_decay": 0.0, "schedule": "constant"},
+            "meta": {"episodic_training": True},
+            "eval": {"attacks": [{"name": "pgd", "steps": 20, "stop_on_success": False}]}}

@@ -88,8 +88,8 @@ from advframe.segmentation import (
 
 @hookimpl
 def default_config():
-    return {"scale": 20.0, **ODE_DEFAULTS, "cluster_weight": 1.0, "cluster_sets": "both", "separation_weight": 0.0, "consistency_weight": 1.0, "consistency": "features",
-            "noise_std": 0.1}
+    return {"scale": 20.0, **ODE_DEFAULTS, "cluster_weight": 1.0, "cluster_sets": "both", "separation_weight": 0.0,
+            "consistency_weight": 1.0, "consistency": "features", "noise_std": 0.1}
 
 
 @hookimpl

@@ -71,7 +71,7 @@ from advframe import PluginError, hookimpl, intrinsic_dimension, models
 from advframe.attacks import pgd, step_size
 from advframe.episodes import Task
 from advframe.losses import kl_to_clean
-from advframe.meta import TaskPredictor, batch_statistics, functional_forward, inner_loop
+from advframe.meta import TaskPredictor, batch_statistics, functional_forward, inner_loop, maml_run_defaults
 from advframe.models import embed, eval_mode, unwrap
 
 DEFAULTS = {"inner_lr": 0.4, "inner_steps": 1, "test_inner_steps": 10, "first_order": False,
@@ -90,10 +90,7 @@ def default_config():
 
 @hookimpl
 def run_defaults():
-    return {"data": {"name": "mnist-fewshot"}, "model": {"name": "conv4"},
-            "train": {"weight_decay": 0.0, "schedule": "constant"},
-            "meta": {"episodic_training": True},
-            "eval": {"attacks": [{"name": "pgd", "steps": 20, "stop_on_success": False}]}}
+    return maml_run_defaults()
 
 
 def checked(ctx) -> dict:

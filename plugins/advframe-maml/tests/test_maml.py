@@ -1,8 +1,8 @@
+import advframe_maml
 import pytest
 import torch
 import torch.nn.functional as F
 
-import advframe_maml
 from advframe import PluginError
 from advframe.episodes import EpisodeSampler
 from advframe.meta import functional_forward, inner_loop

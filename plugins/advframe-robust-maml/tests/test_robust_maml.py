@@ -1,10 +1,10 @@
 import math
 
+import advframe_robust_maml as plugin
 import pytest
 import torch
 import torch.nn.functional as F
 
-import advframe_robust_maml as plugin
 from advframe import PluginError
 from advframe.episodes import EpisodeSampler
 from advframe.meta import batch_statistics, functional_forward, inner_loop
