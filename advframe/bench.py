@@ -136,7 +136,7 @@ def _pct(stat: tuple[float, float]) -> str:
 
 def markdown(rows: list[dict[str, Any]], baseline: str | None, extra: list[str] = ()) -> str:
     base = baseline or "baseline"
-    header = ["method", "clean %", "PGD robust %", "worst-class robust %", *extra, "grad. evals",
+    header = ["method", "clean %", "robust % (worst case)", "worst-class robust %", *extra, "grad. evals",
               f"× {base} (grad.)", "process s", f"× {base} (process)", "wall s", f"× {base} (wall)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -191,7 +191,7 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
         axis.errorbar(time_mean, 100 * acc_mean, xerr=time_std, yerr=100 * acc_std, fmt="o", capsize=3)
         axis.annotate(row["method"], (time_mean, 100 * acc_mean), textcoords="offset points", xytext=(5, 5), fontsize=8)
     axis.set_xlabel("training wall time (s)")
-    axis.set_ylabel("PGD robust accuracy (%)")
+    axis.set_ylabel("robust accuracy, worst case over eval.attacks (%)")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -67,15 +67,17 @@ def _print_results(results: dict, out_dir: Path | None) -> None:
     from rich.table import Table
 
     metrics, cost = results["metrics"], results.get("cost", {})
-    table = Table(title="Results" + (f" ({out_dir})" if out_dir else ""))
+    summary = results.get("evaluation")
+    caption = f"protocol {summary['protocol']}: robust_accuracy is the {summary['robust_accuracy']}" if summary else None
+    table = Table(title="Results" + (f" ({out_dir})" if out_dir else ""), caption=caption)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         if not isinstance(value, list):
             table.add_row(key, _format(key, value))
-    for key in ("gradient_evaluations", "process_seconds", "wall_seconds"):
+    for key in ("gradient_evaluations", "forward_passes", "process_seconds", "wall_seconds"):
         if key in cost:
-            table.add_row(key, f"{cost[key]:,.0f}" if key == "gradient_evaluations" else f"{cost[key]:.1f} s")
+            table.add_row(key, f"{cost[key]:.1f} s" if key.endswith("seconds") else f"{cost[key]:,.0f}")
     console = Console()
     console.print(table)
     per_class = {k: v for k, v in metrics.items() if isinstance(v, list)}
@@ -161,7 +163,7 @@ def evaluate(run_dir, attacks, overrides):
     from advframe import checkpoint
     from advframe import config as config_module
     from advframe.errors import CheckpointError, ConfigError
-    from advframe.runner import Run
+    from advframe.runner import Run, evaluation_summary
 
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
@@ -173,15 +175,22 @@ def evaluate(run_dir, attacks, overrides):
             raise ConfigError(f"--set {key}: advframe eval only changes evaluation settings (eval.*, attack.eps, ...)")
     if attacks:
         user["eval"]["attacks"] = [{"name": name} for name in attacks]
+        user["eval"]["protocol"] = "custom"
+    elif any(item.startswith("eval.protocol=") for item in overrides):
+        user["eval"].pop("attacks", None)  # the new protocol brings its own list
+    elif any(item.startswith("eval.attacks") for item in overrides):
+        user["eval"]["protocol"] = "custom"
     if any(item.startswith("attack.") for item in overrides):
-        for entry in user["eval"]["attacks"]:  # re-inherit the threat model that --set changes
+        for entry in user["eval"].get("attacks", []):  # re-inherit the threat model that --set changes
+            if entry.get("label") == config_module.attack_label({**entry, "label": None}):
+                entry.pop("label")  # an automatic label names the old eps
             entry.pop("eps", None), entry.pop("norm", None)
     config = config_module.resolve(host, user, overrides)
     with _progress() as progress:
         runner = Run.load(host, run_dir / "model.safetensors", config, progress=progress)
         evaluation = runner.evaluate()
-    results = {"metrics": evaluation["metrics"], "attacks": config["eval"]["attacks"],
-               "eval_process_seconds": evaluation["eval_process_seconds"],
+    results = {"metrics": evaluation["metrics"], "evaluation": evaluation_summary(config["eval"]),
+               "attacks": config["eval"]["attacks"], "eval_process_seconds": evaluation["eval_process_seconds"],
                "eval_wall_seconds": evaluation["eval_wall_seconds"]}
     folder = run_dir / "evaluations"
     folder.mkdir(exist_ok=True)
@@ -208,7 +217,7 @@ def attack(run_dir, attacks, model_spec, weights, surrogate, examples, overrides
     from advframe import checkpoint
     from advframe import config as config_module
     from advframe.errors import ConfigError
-    from advframe.runner import Run
+    from advframe.runner import Run, evaluation_summary
 
     if bool(run_dir) == bool(model_spec):
         raise ConfigError("give either RUN_DIR or --model package.module:callable with --weights")
@@ -232,15 +241,15 @@ def attack(run_dir, attacks, model_spec, weights, surrogate, examples, overrides
         entries.append(entry)
     if surrogate and not any("surrogate" in e for e in entries):
         raise ConfigError(f"--surrogate: none of {', '.join(attacks)} takes a surrogate model")
-    user.setdefault("eval", {})["attacks"] = entries
+    user.setdefault("eval", {}).update(attacks=entries, protocol="custom")
     if examples:
         user["eval"]["max_examples"] = examples
     config = config_module.resolve(host, user, overrides)
     with _progress() as progress:
         runner = Run.load(host, weights, config, progress=progress)
         evaluation = runner.evaluate()
-    results = {"metrics": evaluation["metrics"], "attacks": config["eval"]["attacks"],
-               "examples": evaluation["eval_examples"], "eval_process_seconds": evaluation["eval_process_seconds"],
+    results = {"metrics": evaluation["metrics"], "evaluation": evaluation_summary(config["eval"]),
+               "attacks": config["eval"]["attacks"], "examples": evaluation["eval_examples"], "eval_process_seconds": evaluation["eval_process_seconds"],
                "eval_wall_seconds": evaluation["eval_wall_seconds"]}
     if out_file is None:
         folder = (run_dir or weights.parent) / "attacks"

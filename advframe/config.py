@@ -57,7 +57,9 @@ CORE_DEFAULTS: dict[str, Any] = {
     },
     "attack": {"name": "pgd", "norm": "linf", "eps": 0.2},
     "eval": {
-        "attacks": [{"name": "pgd", "steps": 20, "stop_on_success": True}],
+        "protocol": "quick",
+        "attacks": [],
+        "cascade": True,
         "batch_size": 500,
         "max_examples": None,
         "evaluators": [],
@@ -98,6 +100,29 @@ CHOICES = {
     "train.optimizer": ("sgd", "adam", "adamw"),
     "train.schedule": ("constant", "cosine", "step", "onecycle"),
     "data.augment": ("none", "flip", "crop", "crop-flip"),
+    "eval.protocol": ("quick", "standard", "custom"),
+}
+
+# The evaluation protocols: ``eval.protocol`` names one, and it fills ``eval.attacks``. The headline
+# ``robust_accuracy`` is the per-example worst case over the entries. Both open with the PGD-20 row
+# every paper reports; ``standard`` then runs AutoAttack's standard version (Croce & Hein 2020:
+# APGD-CE, APGD-T with 9 targets, FAB-T with 9 targets, Square with 5,000 queries and p_init 0.8);
+# ``quick`` keeps its two gradient components with fewer targets, measured to stay within 0.5 point
+# of ``standard`` (benchmarks/evaluation.py, table in the apgd plugin's README).
+PGD_ROW = {"name": "pgd", "loss": "ce", "steps": 20, "stop_on_success": True}
+PROTOCOLS: dict[str, list[dict[str, Any]]] = {
+    "quick": [
+        PGD_ROW,
+        {"name": "apgd", "loss": "ce", "steps": 100},
+        {"name": "apgd", "loss": "dlr-targeted", "steps": 100, "target_classes": 3},
+    ],
+    "standard": [
+        PGD_ROW,
+        {"name": "apgd", "loss": "ce", "steps": 100},
+        {"name": "apgd", "loss": "dlr-targeted", "steps": 100, "target_classes": 9},
+        {"name": "fab", "steps": 100, "target_classes": 9},
+        {"name": "square", "budget": 5000, "p_init": 0.8},
+    ],
 }
 
 # Constraints by key name, wherever the key appears (a plugin's ``eps`` too).
@@ -320,8 +345,8 @@ def resolve(host, user: dict[str, Any] | None = None, overrides: list[str] = (),
         recommended["attack"] = {k: v for k, v in attack.items() if k in ATTACK_CORE_KEYS}
         attack_extra = {**{k: v for k, v in attack.items() if k not in ATTACK_CORE_KEYS}, **attack_extra}
         config = merge_checked(merge_checked(CORE_DEFAULTS, recommended), user_core)
-    eval_entries = user.get("eval", {}).get("attacks") if isinstance(user.get("eval"), dict) else None
-    config["eval"]["attacks"] = copy.deepcopy(eval_entries) if eval_entries is not None else config["eval"]["attacks"]
+    entries, saved = protocol_attacks(host, user, recommended, config["eval"])
+    config["eval"]["attacks"] = copy.deepcopy(entries)
 
     roles = selected_plugins(config)
     needed = {roles["training"]: "training", roles["attack"]: "attack", roles["meta"]: "meta"}
@@ -343,14 +368,108 @@ def resolve(host, user: dict[str, Any] | None = None, overrides: list[str] = (),
     config["plugins"] = plugins
 
     config["attack"] = _attack_params(config["attack"], attack_extra, plugins, "attack")
-    inherited = {"norm": config["attack"]["norm"], "eps": config["attack"]["eps"]}
-    config["eval"]["attacks"] = [
-        _attack_params({**inherited, **{k: v for k, v in entry.items() if k in ATTACK_CORE_KEYS}},
-                       {k: v for k, v in entry.items() if k not in ATTACK_CORE_KEYS}, plugins, f"eval.attacks[{i}]")
-        for i, entry in enumerate(config["eval"]["attacks"])
-    ]
+    config["eval"]["attacks"] = _eval_attacks(config["eval"]["attacks"], config["attack"], plugins)
+    if saved is not None and ([e.get("name") for e in saved] != [e["name"] for e in config["eval"]["attacks"]]
+                              or _eval_attacks(saved, config["attack"], plugins) != config["eval"]["attacks"]):
+        protocol = config["eval"]["protocol"]
+        raise ConfigError(f"eval.attacks differs from the attacks of eval.protocol={protocol}; to evaluate with "
+                          f"your own list set eval.protocol=custom")
     check_values(config)
     return config
+
+
+def _eval_attacks(entries: list, attack: dict, plugins: dict) -> list[dict]:
+    """Each ``eval.attacks`` entry with its plugin's defaults, the run's threat model and a label."""
+    inherited = {"norm": attack["norm"], "eps": attack["eps"]}
+    resolved, labels = [], []
+    for i, entry in enumerate(entries):
+        label = entry.get("label")
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise ConfigError(f"eval.attacks[{i}].label must be a non-empty string, got {label!r}")
+        entry = {k: v for k, v in entry.items() if k != "label"}
+        params = _attack_params({**inherited, **{k: v for k, v in entry.items() if k in ATTACK_CORE_KEYS}},
+                                {k: v for k, v in entry.items() if k not in ATTACK_CORE_KEYS}, plugins,
+                                f"eval.attacks[{i}]")
+        resolved.append(params)
+        labels.append(label)
+    return label_attacks(resolved, labels)
+
+
+def label_attacks(entries: list[dict], given: list[str | None]) -> list[dict]:
+    """Give every entry a distinct ``label`` (``attack_label``, or the user's), before any work starts.
+
+    Two entries with the same settings are a mistake and rejected; two that differ in a setting the
+    label does not show (``restarts``, ``rho``, ...) get that setting appended to both labels.
+    """
+    labels = [label or attack_label(params) for label, params in zip(given, entries)]
+    for i, j in ((i, j) for j in range(len(entries)) for i in range(j)):
+        if entries[i] == entries[j]:
+            raise ConfigError(f"eval.attacks[{j}] repeats eval.attacks[{i}] ({labels[i]}); remove one of them")
+    for label in dict.fromkeys(labels):
+        group = [i for i, other in enumerate(labels) if other == label]
+        if len(group) < 2:
+            continue
+        clashing = [i for i in group if given[i]]
+        if clashing:
+            raise ConfigError(f"eval.attacks[{clashing[-1]}].label {label!r} is used twice; give each entry its own")
+        keys = sorted({key for i in group for key in entries[i]} - {"name"})
+        differing = [key for key in keys if len({repr(entries[i].get(key)) for i in group}) > 1]
+        for i in group:
+            labels[i] = "-".join([label, *(f"{key}{entries[i].get(key)}" for key in differing)])
+    return [{"label": label, **params} for label, params in zip(labels, entries)]
+
+
+def attack_label(params: dict[str, Any]) -> str:
+    """What distinguishes an attack, e.g. ``apgd-dlr-linf-0.2-100``: name, loss, norm, eps and steps
+    (or query budget, ``square-linf-0.2-5000q``); the entry's own ``label`` when it has one."""
+    if params.get("label"):
+        return params["label"]
+    parts = [params["name"]]
+    if isinstance(params.get("loss"), str):
+        parts.append(params["loss"])
+    if "norm" in params and "eps" in params:
+        parts += [params["norm"], f"{params['eps']:g}"]
+    if isinstance(params.get("steps"), int) and not isinstance(params.get("steps"), bool):
+        parts.append(str(params["steps"]))
+    elif isinstance(params.get("budget"), int):
+        parts.append(f"{params['budget']}q")
+    return "-".join(parts)
+
+
+def _given_attacks(section: Any) -> list | None:
+    if not isinstance(section, dict) or not isinstance(section.get("eval"), dict):
+        return None
+    return section["eval"].get("attacks")
+
+
+def protocol_attacks(host, user: dict, recommended: dict, merged_eval: dict) -> tuple[list, list | None]:
+    """The ``eval.attacks`` entries a run evaluates with, from ``eval.protocol`` or the given list,
+    and a given list that must resolve to the same entries (or None).
+
+    A list given without a protocol makes the protocol ``custom`` (``merged_eval`` is updated). A list
+    given next to ``quick`` or ``standard`` (a saved run's config holds both) must be that protocol's.
+    """
+    protocol_set = isinstance(user.get("eval"), dict) and "protocol" in user["eval"]
+    given = _given_attacks(user)
+    if given is None and not protocol_set:  # the method's recommended list, unless the user names a protocol
+        given = _given_attacks(recommended)
+    protocol = merged_eval["protocol"]
+    if given is not None and not isinstance(given, list):
+        raise ConfigError(f"eval.attacks must be a list of attacks, got {given!r}")
+    if protocol not in PROTOCOLS and protocol != "custom":
+        return [], None  # check_values names the choices
+    if given is not None and (protocol == "custom" or not protocol_set):
+        merged_eval["protocol"] = "custom"
+        return given, None
+    if protocol == "custom":
+        raise ConfigError("eval.protocol=custom runs the attacks in eval.attacks, which is not set; give them "
+                          "(e.g. --set 'eval.attacks=[{name: pgd, steps: 20}]'), or eval.attacks=[] for clean accuracy only")
+    for entry in PROTOCOLS[protocol]:
+        if entry["name"] not in host.available("attack"):
+            raise ConfigError(f"eval.protocol={protocol} needs the attack plugin {entry['name']!r}, which is not "
+                              f"installed: pip install advframe-{'apgd' if entry['name'] == 'fab' else entry['name']}, "
+                              f"or set eval.protocol=custom with your own eval.attacks")
+    return PROTOCOLS[protocol], given
 
 
 RUN_DEFAULT_SECTIONS = ("data", "model", "train", "attack", "eval", "meta")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from advframe import distributed
+from advframe.config import attack_label
 from advframe.cost import GradientCounter
 from advframe.errors import PluginCallError, PluginError, TrainingDiverged
 from advframe.models import eval_mode, unwrap
@@ -42,6 +43,50 @@ class Predictions:
     @property
     def correct(self) -> torch.Tensor:
         return self.predicted == self.labels
+
+
+ROBUST, CLEAN_WRONG = -1, -2
+
+
+@dataclass
+class Robustness:
+    """The ``eval.attacks`` entries run in order on one dataset; every tensor has one row per example.
+
+    ``broken_by`` is the position of the first entry that broke the example (``ROBUST`` if none did,
+    ``CLEAN_WRONG`` if the clean input is already misclassified); ``attacked[i]`` and ``broken[i]`` say
+    which examples entry ``i`` attacked and which of those it broke; ``queries[i]`` holds a query
+    attack's statistics (or None).
+    """
+
+    clean: Predictions
+    broken_by: torch.Tensor
+    attacked: list[torch.Tensor]
+    broken: list[torch.Tensor]
+    queries: list[dict[str, float] | None]
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """Robust under every entry: the per-example worst case, the headline robust accuracy."""
+        return self.broken_by == ROBUST
+
+    def robust_after(self, position: int) -> torch.Tensor:
+        """Robust under the entries up to ``position`` (AutoAttack's 'robust accuracy after')."""
+        return (self.broken_by == ROBUST) | (self.broken_by > position)
+
+    def rows(self, attacks: list[dict[str, Any]], cascade: bool, prefix: str = "") -> dict[str, float]:
+        """``robust_accuracy`` (the worst case) and one row per entry: ``robust_accuracy_after/<label>``
+        for a cascade, ``robust_accuracy/<label>`` (that attack alone) otherwise."""
+        if not attacks:
+            return {}
+        rows = {f"{prefix}robust_accuracy": self.correct.float().mean().item()}
+        for position, attack in enumerate(attacks):
+            if cascade:
+                survived = self.robust_after(position)
+                rows[f"{prefix}robust_accuracy_after/{attack['label']}"] = survived.float().mean().item()
+            else:
+                survived = self.clean.correct & ~self.broken[position]
+                rows[f"{prefix}robust_accuracy/{attack['label']}"] = survived.float().mean().item()
+        return rows
 
 
 class RunContext:
@@ -81,6 +126,7 @@ class RunContext:
         self._plugin_stack: list[str] = []
         self._stepped = False
         self._prediction_cache: dict[tuple, Predictions] = {}
+        self._robustness_cache: dict[tuple, Robustness] = {}
         self._query_statistics: dict[tuple, dict[str, float]] = {}
         self._query_records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._add_model_allowed = True
@@ -161,10 +207,13 @@ class RunContext:
 
     # -- optimisation -------------------------------------------------------------------------------
 
-    def add_model(self, name: str, module: nn.Module, *, trainable: bool = True, lr: float | None = None) -> nn.Module:
+    def add_model(self, name: str, module: nn.Module, *, trainable: bool = True, lr: float | None = None,
+                  counted: bool = False) -> nn.Module:
         """Add a module the run trains (own optimizer) or keeps; saved and restored with the run.
 
-        Call it from ``setup``. Its weights go into ``model.safetensors`` under ``name/``.
+        Call it from ``setup``. Its weights go into ``model.safetensors`` under ``name/``. ``counted``:
+        its passes are part of ``gradient_evaluations`` (a peer classifier trained like the model,
+        as in MAT); a discriminator's, a teacher's or another helper's are not.
         """
         if not self._add_model_allowed:
             raise PluginError(f"add_model({name!r}) must be called from the setup hook")
@@ -174,7 +223,17 @@ class RunContext:
         self.models[name] = module
         self.trainable[name] = trainable
         self.extra_lr[name] = lr
+        if counted:
+            self.counter.attach(module)
         return module
+
+    def count_gradient_evaluations(self, examples: int) -> None:
+        """Report training work the core cannot see: the counter counts one gradient evaluation per
+        example for each forward pass that builds a graph. A second backward pass through the same
+        forward pass (an input gradient inside the loss, per-class gradients) costs ``examples``
+        more, and so does backpropagating through a gradient taken with ``create_graph=True`` (double
+        backpropagation). See CONTRIBUTING.md, "Cost"."""
+        self.counter.add(examples)
 
     def build_model(self) -> nn.Module:
         """A fresh model as ``model`` in the config describes it (peers, surrogates, students)."""
@@ -230,14 +289,47 @@ class RunContext:
         """
         key = self._key(model, dataset, attack)
         if key not in self._prediction_cache:
-            self._query_records = []
-            try:
-                self._prediction_cache[key] = self._predict(unwrap(model), dataset, attack)
-                if self._query_records:
-                    self._query_statistics[key] = summarise_queries(self._query_records)
-            finally:
-                self._query_records = None
+            self._prediction_cache[key], queries = self._attacked(model, dataset, attack)
+            if queries:
+                self._query_statistics[key] = queries
         return self._prediction_cache[key]
+
+    def _attacked(self, model, dataset, attack) -> tuple[Predictions, dict[str, float] | None]:
+        self._query_records = []
+        try:
+            predictions = self._predict(unwrap(model), dataset, attack)
+            return predictions, summarise_queries(self._query_records) if self._query_records else None
+        finally:
+            self._query_records = None
+
+    def robustness(self, model: nn.Module, dataset) -> Robustness:
+        """Every ``eval.attacks`` entry in order, each on the examples no earlier entry broke (with
+        ``eval.cascade: false``, each on every example the model gets right when clean).
+
+        An example is broken once any entry breaks it; the point that breaks it is the one the core
+        checked (in the eps ball, in the input bounds) and classified again in eval mode. Cached for
+        the evaluation.
+        """
+        key = self._key(model, dataset, {"robustness": True})
+        if key in self._robustness_cache:
+            return self._robustness_cache[key]
+        clean = self.predictions(model, dataset)
+        broken_by = torch.where(clean.correct, ROBUST, CLEAN_WRONG)
+        result = Robustness(clean, broken_by, [], [], [])
+        for position, attack in enumerate(self.config["eval"]["attacks"]):
+            attacked = (broken_by == ROBUST) if self.config["eval"]["cascade"] else clean.correct.clone()
+            broken = torch.zeros_like(attacked)
+            index = attacked.nonzero().flatten()
+            queries = None
+            if len(index):
+                predictions, queries = self._attacked(model, dataset.subset(index), attack)
+                broken[index] = ~predictions.correct
+                broken_by[broken & (broken_by == ROBUST)] = position
+            result.attacked.append(attacked)
+            result.broken.append(broken)
+            result.queries.append(queries)
+        self._robustness_cache[key] = result
+        return result
 
     def _predict(self, model, dataset, attack) -> Predictions:
         rank, world = distributed.rank(), distributed.world_size()
@@ -266,6 +358,7 @@ class RunContext:
 
     def clear_predictions(self) -> None:
         self._prediction_cache.clear()
+        self._robustness_cache.clear()
         self._query_statistics.clear()
         self._adapted.clear()
         self._task_cache.clear()
@@ -357,12 +450,6 @@ def summarise_queries(records) -> dict[str, float]:
         "median_queries": float(won.median()) if len(won) else float("nan"),
         "attacked_examples": float(counted.sum()),
     }
-
-
-def attack_label(params: dict[str, Any]) -> str:
-    """``pgd-20`` for a 20-step PGD; the attack's name where it has no step count."""
-    steps = params.get("steps")
-    return f"{params['name']}-{steps}" if isinstance(steps, int) else params["name"]
 
 
 def check_finite(loss: torch.Tensor, ctx: RunContext) -> None:

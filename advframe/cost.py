@@ -2,8 +2,10 @@
 
 :class:`GradientCounter` counts gradient evaluations: one per example in every forward pass that
 builds a graph (each such pass is followed by one backward pass). A PGD-10 step on a batch of 128
-costs 128; TRADES' outer loss (clean and adversarial forward passes) costs 256. Forward passes under
-``torch.no_grad`` cost nothing here.
+costs 128; TRADES' outer loss (clean and adversarial forward passes) costs 256. Work the hook cannot
+see (a second backward pass through one forward pass, double backpropagation) is reported by the
+method with ``ctx.count_gradient_evaluations``. Forward passes without a graph are counted apart
+(``forward_passes``). CONTRIBUTING.md ("Cost") has the definition.
 
 Query-based (score-based black-box) attacks count queries instead: every model call goes through a
 :class:`QueryCounter`. The book-keeping they all share is here too: :func:`check_query_settings`
@@ -26,8 +28,12 @@ from advframe.errors import PluginError
 
 
 class GradientCounter:
+    """Counts, per example, the forward passes of the attached modules: ``count`` those that build a
+    graph (gradient evaluations), ``forward_count`` those that do not (e.g. a saliency map's probes)."""
+
     def __init__(self):
         self.count = 0
+        self.forward_count = 0
         self.enabled = True
         self._handles = []
 
@@ -39,11 +45,18 @@ class GradientCounter:
             handle.remove()
         self._handles.clear()
 
+    def add(self, examples: int) -> None:
+        if self.enabled:
+            self.count += int(examples)
+
     def _count(self, module, args, output):
-        if self.enabled and torch.is_grad_enabled():
-            logits = output[0] if isinstance(output, (tuple, list)) else output
-            if isinstance(logits, torch.Tensor) and logits.requires_grad and logits.dim() > 0:
-                self.count += logits.shape[0]
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+        if not self.enabled or not isinstance(logits, torch.Tensor) or logits.dim() == 0:
+            return
+        if torch.is_grad_enabled() and logits.requires_grad:
+            self.count += logits.shape[0]
+        else:
+            self.forward_count += logits.shape[0]
 
     @contextlib.contextmanager
     def paused(self):

@@ -131,8 +131,7 @@ class Run:
             self.ctx.test_tasks = sampler.fixed_tasks(meta["test_tasks"], TEST_TASK_SEED)
         if self.splits.target is not None:
             self.ctx.score_pseudo_labels = self._score_pseudo_labels
-        for module in [self.model, *self.ctx.models.values()]:
-            self.ctx.counter.attach(module)
+        self.ctx.counter.attach(self.model)  # added models attach themselves when counted
         self.train_model = self._distribute(self.model)
         for name in list(self.ctx.models):
             if self.ctx.trainable[name]:
@@ -148,7 +147,7 @@ class Run:
         self.batch_index = 0
         self.metrics_lines = 0
         self.epoch_sums: dict[str, float] = {}
-        self.spent = {"process_seconds": 0.0, "wall_seconds": 0.0, "gradient_evaluations": 0}
+        self.spent = {"process_seconds": 0.0, "wall_seconds": 0.0, "gradient_evaluations": 0, "forward_passes": 0}
         self.finished = False
 
     # -- construction ---------------------------------------------------------------------------
@@ -327,6 +326,7 @@ class Run:
         self.metrics_lines, self.epoch_sums = progress["metrics_lines"], progress["epoch_sums"]
         self.spent = progress["spent"]
         self.ctx.counter.count = int(self.spent["gradient_evaluations"])
+        self.ctx.counter.forward_count = int(self.spent.setdefault("forward_passes", 0))
         self.finished = progress.get("finished", False)
         metrics = self.out_dir / "metrics.jsonl"
         if self.rank == 0 and metrics.exists():  # drop lines written after the state we resume from
@@ -339,6 +339,7 @@ class Run:
         now = {"process_seconds": time.process_time(), "wall_seconds": time.perf_counter()}
         spent = {k: self.spent[k] + now[k] - self._clock[k] for k in now} if hasattr(self, "_clock") else dict(self.spent)
         spent["gradient_evaluations"] = self.ctx.counter.count
+        spent["forward_passes"] = self.ctx.counter.forward_count
         return spent
 
     def _shard(self, index: torch.Tensor) -> torch.Tensor:
@@ -414,8 +415,8 @@ class Run:
         line: dict[str, Any] = {"epoch": epoch + 1, **{k: v / count for k, v in sums.items()}}
         line["lr"] = self.ctx.optimizers["model"].param_groups[0]["lr"]
         line.update(self._monitor(epoch))
-        spent = self._spent_now()
-        line["gradient_evaluations"] = int(distributed.sum_values({"g": spent["gradient_evaluations"]})["g"])
+        spent = distributed.sum_values(self._spent_now())
+        line["gradient_evaluations"] = int(spent["gradient_evaluations"])
         line["seconds"] = round(seconds, 3)
         line["process_seconds"] = round(spent["process_seconds"], 3)
         self.epoch, self.batch_index, self.epoch_sums = epoch + 1, 0, {}
@@ -438,14 +439,16 @@ class Run:
         order = torch.randperm(len(split), generator=torch.Generator().manual_seed(data.SPLIT_SEED))
         subset = split.subset(order[:size].sort().values)  # splits are often sorted by class
         name = "validation" if self.splits.validation is not None else "test"
-        attack = self.config["eval"]["attacks"][0]
+        attacks = self.config["eval"]["attacks"][:1]  # the first entry (the protocols' PGD-20) is cheap
         with self.ctx.evaluation_randomness(self.config["seed"] + 1000 + epoch):
             clean = self.ctx.predictions(self.model, subset)
-            robust = self.ctx.predictions(self.model, subset, attack)
+            robust = [self.ctx.predictions(self.model, subset, attack) for attack in attacks]
         self.ctx.clear_predictions()
         self.model.train()
-        return {f"{name}_clean_accuracy": clean.correct.float().mean().item(),
-                f"{name}_robust_accuracy": (robust.correct & clean.correct).float().mean().item()}
+        line = {f"{name}_clean_accuracy": clean.correct.float().mean().item()}
+        for predictions in robust:
+            line[f"{name}_robust_accuracy"] = (predictions.correct & clean.correct).float().mean().item()
+        return line
 
     def _monitor_tasks(self, size: int) -> dict[str, float]:
         """Few-shot runs: clean and robust accuracy on the first test tasks (about ``size`` queries)."""
@@ -454,13 +457,15 @@ class Run:
         try:
             with self.ctx.evaluation_randomness(self.config["seed"] + 1000 + self.epoch):
                 clean = self.ctx.task_correct(self.model)
-                robust = self.ctx.task_correct(self.model, self.config["eval"]["attacks"][0])
+                robust = [self.ctx.task_correct(self.model, attack) for attack in self.config["eval"]["attacks"][:1]]
         finally:
             self.ctx.test_tasks = tasks
             self.ctx.clear_predictions()
             self.model.train()
-        return {"test_clean_accuracy": torch.cat(clean).float().mean().item(),
-                "test_robust_accuracy": torch.cat([a & c for a, c in zip(robust, clean)]).float().mean().item()}
+        line = {"test_clean_accuracy": torch.cat(clean).float().mean().item()}
+        for correct in robust:
+            line["test_robust_accuracy"] = torch.cat([a & c for a, c in zip(correct, clean)]).float().mean().item()
+        return line
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -494,15 +499,20 @@ class Run:
 
     def results(self, evaluation: dict[str, Any]) -> dict[str, Any]:
         spent = self._spent_now()
-        gradient_evaluations = int(distributed.sum_values({"g": spent["gradient_evaluations"]})["g"])
+        # every process works: its counted passes and its CPU time add up (wall time does not)
+        summed = distributed.sum_values({"g": spent["gradient_evaluations"], "f": spent["forward_passes"],
+                                         "p": spent["process_seconds"], "e": evaluation["eval_process_seconds"]})
+        gradient_evaluations = int(summed["g"])
         return {
             "metrics": evaluation["metrics"],
+            "evaluation": evaluation_summary(self.config["eval"]),
             "cost": {
                 "gradient_evaluations": gradient_evaluations,
                 "natural_epoch_equivalents": gradient_evaluations / max(len(self.splits.train), 1),
-                "process_seconds": spent["process_seconds"],
+                "forward_passes": int(summed["f"]),
+                "process_seconds": summed["p"],
                 "wall_seconds": spent["wall_seconds"],
-                "eval_process_seconds": evaluation["eval_process_seconds"],
+                "eval_process_seconds": summed["e"],
                 "eval_wall_seconds": evaluation["eval_wall_seconds"],
             },
             "eval_examples": evaluation["eval_examples"],
@@ -519,6 +529,13 @@ class Run:
         if self.rank == 0:
             checkpoint.atomic_write_text(self.out_dir / "results.json", json.dumps(results, indent=2) + "\n")
         return results
+
+
+def evaluation_summary(eval_config: dict) -> dict[str, Any]:
+    """What the headline robust accuracy is, for results files and tables."""
+    labels = [attack["label"] for attack in eval_config["attacks"]]
+    return {"protocol": eval_config["protocol"], "attacks": labels, "cascade": eval_config["cascade"],
+            "robust_accuracy": "per-example worst case over " + (", ".join(labels) or "no attack (clean only)")}
 
 
 def _split_output(method: str, output) -> tuple[torch.Tensor, dict[str, float]]:

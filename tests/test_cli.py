@@ -103,7 +103,8 @@ def test_attack_a_run_directory_or_a_callable_with_weights(runner, tmp_path, tin
     assert result.exit_code == 0, output
     saved = json.loads((tmp_path / "a.json").read_text())
     metrics = saved["metrics"]
-    assert saved["examples"] == 20 and 0 <= metrics["attack_success_rate/test-pgd-3"] <= 1
+    label = saved["attacks"][0]["label"]
+    assert saved["examples"] == 20 and 0 <= metrics[f"attack_success_rate/{label}"] <= 1
     # the same weights through --model: a plain safetensors file and the callable that builds the model
     result, output = invoke(runner, "attack", "--model", "advframe.models:SmallCNN", "--weights",
                             str(tmp_path / "run" / "model.safetensors"), "--attack", "none",
@@ -111,6 +112,6 @@ def test_attack_a_run_directory_or_a_callable_with_weights(runner, tmp_path, tin
                             "--set", "attack.name=none",
                             "--out", str(tmp_path / "b.json"))
     assert result.exit_code == 0, output
-    assert json.loads((tmp_path / "b.json").read_text())["metrics"]["attack_success_rate/none"] == 0
+    assert json.loads((tmp_path / "b.json").read_text())["metrics"]["attack_success_rate/none-linf-0.2"] == 0
     result = runner.invoke(cli.cli, ["attack", "--attack", "none"])
     assert_one_clean_line(result, "give either RUN_DIR or --model")

@@ -28,7 +28,7 @@ def test_hook_generate_perturbation(tmp_path):
     config = tiny_config(host, user={"attack": {"name": "noise", "eps": 0.05}, "eval": {"attacks": [{"name": "noise"}]}})
     results = Run.start(host, config, tmp_path / "r").execute()
     assert calls and all(eps == 0.05 for eps in calls)
-    assert results["metrics"]["robust_accuracy/noise"] <= results["metrics"]["clean_accuracy"]
+    assert results["metrics"]["robust_accuracy_after/noise-linf-0.05"] <= results["metrics"]["clean_accuracy"]
 
 
 def test_hook_training_step(tmp_path):

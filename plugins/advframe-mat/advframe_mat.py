@@ -29,10 +29,11 @@ do not learn from the generalist.
 The main model is model 0; the peers are added in ``setup`` as ``peer1`` .. ``peer{N-1}`` (each with
 its own optimizer, saved in ``model.safetensors`` under ``peerK/`` and in ``state.safetensors``,
 restored on ``--resume``). ``evaluate`` reports every model and the ensemble (mean of the softmax
-outputs, attacked end to end) under the evaluation attacks: ``model{i}/clean_accuracy``,
-``model{i}/robust_accuracy`` (first eval attack), ``ensemble/...``, ``mean_model/...``; with several
-eval attacks also ``.../robust_accuracy/<attack>-<norm>-<eps>`` and ``.../robust_accuracy/worst_case``
-(robust to all of them, the union threat model); and with ``agreement: true`` ``peer_agreement``
+outputs, attacked end to end) under the evaluation attacks, with the core's rows: ``model{i}/clean_accuracy``,
+``model{i}/robust_accuracy`` (the per-example worst case over ``eval.attacks``: with specialists'
+threat models listed, the union threat model), one row per attack (``.../robust_accuracy/<label>``
+with ``eval.cascade: false``, the label naming the norm and eps), ``ensemble/...``,
+``mean_model/...``; and with ``agreement: true`` ``peer_agreement``
 (how often f_j predicts what f_i predicts on f_i's adversarial examples) and ``transfer_robust_accuracy``
 (accuracy of f_j on f_i's adversarial examples), averaged over ordered pairs.
 
@@ -60,7 +61,6 @@ from torch import nn
 
 from advframe import PluginError, hookimpl
 from advframe.attacks import pgd, step_size
-from advframe.context import attack_label
 from advframe.losses import kl_to_clean
 from advframe.models import eval_mode, unwrap
 
@@ -114,7 +114,7 @@ def setup(model, ctx):
     settings = checked(ctx.settings)
     if is_training_method(ctx):  # as an evaluator of another method's run, MAT adds nothing
         for name in peer_names(settings["models"]):
-            ctx.add_model(name, ctx.build_model())
+            ctx.add_model(name, ctx.build_model(), counted=True)  # a classifier trained like the model
 
 
 def members(model, ctx) -> list[nn.Module]:
@@ -245,25 +245,11 @@ class Ensemble(nn.Module):
         return probabilities.clamp_min(1e-12).log()
 
 
-def threat_label(attack: dict) -> str:
-    """``pgd-20-l2-2`` : the attack, its norm and radius (the core's label omits the last two)."""
-    return f"{attack_label(attack)}-{attack['norm']}-{attack['eps']:g}"
-
-
 def robust_metrics(prefix: str, net, dataset, ctx) -> dict[str, float]:
-    attacks = ctx.config["eval"]["attacks"]
-    clean = ctx.predictions(net, dataset)
-    metrics = {f"{prefix}/clean_accuracy": clean.correct.float().mean().item()}
-    survived = clean.correct.clone()
-    for index, attack in enumerate(attacks):
-        correct = ctx.predictions(net, dataset, attack).correct & clean.correct
-        survived &= correct
-        if index == 0:
-            metrics[f"{prefix}/robust_accuracy"] = correct.float().mean().item()
-        if len(attacks) > 1:
-            metrics[f"{prefix}/robust_accuracy/{threat_label(attack)}"] = correct.float().mean().item()
-    if len(attacks) > 1:
-        metrics[f"{prefix}/robust_accuracy/worst_case"] = survived.float().mean().item()
+    """The core's rows for one network: the worst case over ``eval.attacks`` and one row per attack."""
+    result = ctx.robustness(net, dataset)
+    metrics = {f"{prefix}/clean_accuracy": result.clean.correct.float().mean().item()}
+    metrics.update(result.rows(ctx.config["eval"]["attacks"], ctx.config["eval"]["cascade"], f"{prefix}/"))
     return metrics
 
 
@@ -301,7 +287,7 @@ def evaluate(model, dataset, ctx):
         for key in [k for k in metrics if k.startswith("model0/")]:
             suffix = key[len("model0/"):]
             metrics[f"mean_model/{suffix}"] = sum(metrics[f"model{i}/{suffix}"] for i in range(len(nets))) / len(nets)
-        if settings["agreement"] and len(nets) > 1:
+        if settings["agreement"] and len(nets) > 1 and ctx.config["eval"]["attacks"]:
             metrics.update(agreement_metrics(nets, dataset, ctx))
     return metrics
 

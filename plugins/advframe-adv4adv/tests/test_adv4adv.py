@@ -143,3 +143,10 @@ def test_source_epochs_train_on_clean_inputs_only(tmp_path):
 def test_bad_settings_say_what_to_change(tmp_path, override, message):
     with pytest.raises(PluginError, match=message):
         start(tmp_path, [override])
+
+
+def test_cost_counts_the_classifier_passes_not_the_discriminators(tmp_path):
+    # by hand, per training example: FGSM (one forward and backward pass of the classifier), then the
+    # classifier on the clean and the FGSM copy (two more); the discriminators' passes are not counted
+    results = tiny_run(a4a, "adv4adv", tmp_path / "run", overrides=["train.epochs=1", "data.train_size=96"])
+    assert results["cost"]["gradient_evaluations"] == 3 * 96

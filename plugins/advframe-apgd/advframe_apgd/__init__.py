@@ -33,7 +33,7 @@ Settings (``plugins.apgd``, or per use in ``attack`` / ``eval.attacks``), with d
     steps: 100               # iterations per run (reference 100)
     restarts: 1              # random restarts, each on the still-robust examples (AutoAttack: 1; "plus": 5)
     loss: ce                 # ce | dlr | dlr-targeted (APGD-T)
-    target_classes: 9        # dlr-targeted: how many target classes to try (at most classes - 1)
+    target_classes: 9        # dlr-targeted: how many target classes to try (fewer when the model has fewer others)
     rho: 0.75                # checkpoint condition: halve the step if the loss rose in <= rho of the steps
     momentum: 0.75           # weight of the new step (the reference's alpha = 0.75; 1 = no momentum)
     targeted: false          # true: the labels passed are the target classes
@@ -299,9 +299,8 @@ def check_settings(params: dict, num_classes: int, name: str = "apgd") -> None:
     loss = params.get("loss", "ce")
     if loss == "dlr-targeted" and params.get("targeted"):
         raise PluginError(f"{name}: loss dlr-targeted picks its own targets; use loss ce or dlr with targeted: true")
-    if loss == "dlr-targeted" and not 1 <= params["target_classes"] < num_classes:
-        raise PluginError(f"{name}: target_classes must be between 1 and {num_classes - 1} (classes - 1), "
-                          f"got {params['target_classes']}")
+    if loss == "dlr-targeted" and params["target_classes"] < 1:
+        raise PluginError(f"{name}: target_classes must be >= 1, got {params['target_classes']}")
     needed = 4 if loss == "dlr-targeted" or (loss == "dlr" and params.get("targeted")) else 3 if loss == "dlr" else 2
     if num_classes < needed:
         raise PluginError(f"{name}: loss {loss} needs at least {needed} classes, the model has {num_classes}; "
@@ -320,5 +319,6 @@ def generate_perturbation(model, inputs, labels, params, ctx):
               "rho": params["rho"], "momentum": params["momentum"], "stop_on_success": params["stop_on_success"],
               "generator": ctx.generator, "init": params.get("init")}
     if params["loss"] == "dlr-targeted":
-        return apgd_targeted(model, inputs, labels, target_classes=params["target_classes"], **common).adversarial
+        targets = min(params["target_classes"], ctx.num_classes - 1)  # "at most": AutoAttack's 9 on 5-way tasks
+        return apgd_targeted(model, inputs, labels, target_classes=targets, **common).adversarial
     return apgd(model, inputs, labels, loss=params["loss"], targeted=params["targeted"], **common).adversarial

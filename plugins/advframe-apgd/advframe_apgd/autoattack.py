@@ -17,11 +17,11 @@ the components, as AutoAttack reports it. The reference's ``standard`` version r
   2.5 eps / steps, uniform start) raising the Carlini-Wagner margin ``z_t - max_{i != t} z_i`` of
   each of the same target classes, stopping at misclassification; a cheaper targeted component;
 * ``square``: the ``square`` plugin (another package), called through ``ctx.attack`` with its own
-  settings (``plugins.square``) plus the ``square`` overrides below. If it is not installed the
-  component is skipped with a warning, and ``<label>/skipped/square`` = 1 is reported.
+  settings (``plugins.square``) plus the ``square`` overrides below. If it is not installed the run
+  stops with an error that names it (never a silent skip under the ensemble's name).
 
 Per-component results (robust accuracy after each component, which component broke how many
-examples, skipped components) are reported by this plugin's ``evaluate`` hook: add ``autoattack`` to
+examples) are reported by this plugin's ``evaluate`` hook: add ``autoattack`` to
 ``eval.evaluators`` next to the ``eval.attacks`` entry (an evaluation attack cannot report metrics on
 its own in advframe 0.1). The ``rand`` version (EOT for randomised defenses) is not implemented.
 
@@ -30,7 +30,7 @@ Settings (``plugins.autoattack``, or per use in ``eval.attacks``), with defaults
     components: [apgd-ce, apgd-t, fab-t, square]   # the reference's "standard" order (custom lists allowed)
     steps: 100                # iterations of the APGD, FAB-T and margin-t components (reference 100)
     apgd_restarts: 1          # restarts of apgd-ce / apgd-dlr (reference standard: 1)
-    target_classes: 9         # targets of apgd-t, fab-t and margin-t (reference 9; at most classes - 1)
+    target_classes: 9         # targets of apgd-t, fab-t and margin-t (reference 9; fewer if fewer other classes)
     square: {budget: 5000, p_init: 0.8}   # overrides for the square plugin (the reference's Square)
 
 Threat models L-inf and L2, untargeted (``targeted: true`` is rejected: AutoAttack measures
@@ -40,7 +40,6 @@ untargeted robustness).
 from __future__ import annotations
 
 import copy
-import warnings
 import weakref
 
 import torch
@@ -86,18 +85,15 @@ def check(params: dict, num_classes: int) -> None:
     loss = "dlr-targeted" if "apgd-t" in components else "dlr" if "apgd-dlr" in components else "ce"
     check_settings({"norm": params["norm"], "steps": params["steps"], "rho": 0.75, "momentum": 0.75, "loss": loss,
                     "target_classes": params["target_classes"]}, num_classes, "autoattack")
-    if {"fab-t", "margin-t"} & components and not 1 <= params["target_classes"] < num_classes:
-        raise PluginError(f"autoattack: target_classes must be between 1 and {num_classes - 1}, "
-                          f"got {params['target_classes']}")
+    if params["target_classes"] < 1:
+        raise PluginError(f"autoattack: target_classes must be >= 1, got {params['target_classes']}")
 
 
-def square_params(ctx, params: dict) -> dict | None:
-    """The square plugin's settings for this run, or None (with a warning) when it is not installed."""
+def square_params(ctx, params: dict) -> dict:
+    """The square plugin's settings for this run; an error naming it when it is not installed."""
     if "square" not in ctx.host.available("attack"):
-        warnings.warn("autoattack: the square plugin is not installed, so the Square component is skipped "
-                      "(pip install advframe-square); the result is reported as autoattack/skipped/square",
-                      stacklevel=2)
-        return None
+        raise PluginError("autoattack: the component square needs the square plugin, which is not installed: "
+                          "pip install advframe-square, or leave square out of plugins.autoattack.components")
     known = ctx.host.default_config("square")
     unknown = sorted(set(params["square"]) - set(known))
     if unknown:
@@ -116,9 +112,9 @@ def run_square(ctx, model, inputs, labels, settings) -> torch.Tensor:
         ctx._query_records = records
 
 
-def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Run the components in order on the still-robust examples. Returns the adversarial batch, the
-    index of the component that broke each example (``ROBUST`` / ``CLEAN_WRONG``), and skipped components."""
+def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the components in order on the still-robust examples. Returns the adversarial batch and the
+    index of the component that broke each example (``ROBUST`` / ``CLEAN_WRONG``)."""
     model = unwrap(model)
     with eval_mode(model):
         with torch.no_grad():
@@ -126,7 +122,7 @@ def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Te
         broken_by = torch.full((len(inputs),), ROBUST, dtype=torch.long, device=inputs.device)
         broken_by[misclassified(clean_logits, labels)] = CLEAN_WRONG
         adversarial = inputs.clone()
-        skipped = []
+        targets = min(params["target_classes"], ctx.num_classes - 1)
         common = {"eps": params["eps"], "norm": params["norm"], "steps": params["steps"], "stop_on_success": True,
                   "generator": ctx.generator}
         for position, component in enumerate(params["components"]):
@@ -137,23 +133,19 @@ def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Te
             if component in ("apgd-ce", "apgd-dlr"):
                 found = apgd(model, x, y, loss=component[5:], restarts=params["apgd_restarts"], **common).adversarial
             elif component == "apgd-t":
-                found = apgd_targeted(model, x, y, target_classes=params["target_classes"], **common).adversarial
+                found = apgd_targeted(model, x, y, target_classes=targets, **common).adversarial
             elif component == "fab-t":
                 found, _ = fab_targeted(model, x, y, eps=params["eps"], norm=params["norm"], steps=params["steps"],
-                                        target_classes=params["target_classes"])
+                                        target_classes=targets)
             elif component == "margin-t":
                 found = targeted_margin(model, x, y, params, ctx)
             else:
-                settings = square_params(ctx, params)
-                if settings is None:
-                    skipped.append(component)
-                    continue
-                found = run_square(ctx, model, x, y, settings)
+                found = run_square(ctx, model, x, y, square_params(ctx, params))
             with torch.no_grad():
                 hit = misclassified(model(found), y)
             adversarial[todo[hit]] = found[hit]
             broken_by[todo[hit]] = position
-    return adversarial, broken_by, skipped
+    return adversarial, broken_by
 
 
 def toward(rank: int):
@@ -172,7 +164,7 @@ def targeted_margin(model, inputs, labels, params, ctx) -> torch.Tensor:
     result = inputs.clone()
     todo = torch.arange(len(inputs), device=inputs.device)
     eps, steps = params["eps"], params["steps"]
-    for rank in range(1, params["target_classes"] + 1):
+    for rank in range(1, min(params["target_classes"], ctx.num_classes - 1) + 1):
         if len(todo) == 0:
             break
         found = pgd(model, inputs[todo], labels[todo], eps=eps, alpha=2.5 * eps / steps, steps=steps,
@@ -192,44 +184,46 @@ def default_config():
 @hookimpl
 def generate_perturbation(model, inputs, labels, params, ctx):
     check(params, ctx.num_classes)
-    adversarial, broken_by, skipped = ensemble(model, inputs, labels, params, ctx)
-    _RECORDS.setdefault(ctx, {}).setdefault(settings_key(params), []).append(
-        (labels.detach().cpu(), broken_by.cpu(), tuple(skipped)))
+    adversarial, broken_by = ensemble(model, inputs, labels, params, ctx)
+    _RECORDS.setdefault(ctx, {}).setdefault(settings_key(params), []).append((labels.detach().cpu(), broken_by.cpu()))
     return adversarial
 
 
-def entries(ctx) -> list[dict]:
-    """The ``autoattack`` entries of ``eval.attacks``, or this plugin's settings when there are none."""
-    found = [entry for entry in ctx.config["eval"]["attacks"] if entry["name"] == "autoattack"]
-    return found or [ctx.attack_settings("autoattack")]
+def runs(model, dataset, ctx) -> list[tuple[dict, torch.Tensor]]:
+    """Each ``autoattack`` entry of ``eval.attacks`` with the examples it attacked (run by the core,
+    shared with the accuracy evaluator); without one, this plugin's settings run on every example."""
+    listed = [(position, entry) for position, entry in enumerate(ctx.config["eval"]["attacks"])
+              if entry["name"] == "autoattack"]
+    if listed:
+        result = ctx.robustness(model, dataset)
+        return [(entry, result.attacked[position]) for position, entry in listed]
+    params = ctx.attack_settings("autoattack")
+    params["label"] = attack_label(params)
+    ctx.predictions(model, dataset, params)
+    return [(params, torch.ones(len(dataset), dtype=torch.bool))]
 
 
 @hookimpl
 def evaluate(model, dataset, ctx):
-    """Robust accuracy after each component (cumulative, as AutoAttack prints it) and skipped components.
+    """Robust accuracy after each component (cumulative, as AutoAttack prints it, and after the
+    ``eval.attacks`` entries before it) and what each component broke.
 
     Runs only when ``autoattack`` is listed in ``eval.evaluators`` (not merely because it is the run's
     attack)."""
     metrics = {}
     if "autoattack" not in ctx.config["eval"]["evaluators"]:
         return metrics
-    for params in entries(ctx):
-        label = attack_label(params)
-        predictions = ctx.predictions(model, dataset, params)  # shared with the accuracy evaluator
-        clean = ctx.predictions(model, dataset)
-        metrics[f"{label}/robust_accuracy"] = (predictions.correct & clean.correct).float().mean().item()
+    for params, attacked in runs(model, dataset, ctx):
         records = _RECORDS.get(ctx, {}).get(settings_key(params), [])
-        run = latest_run(records, dataset.labels)
-        if run is None:  # e.g. sharded across processes: only the overall number is known
+        broken_by = latest_run(records, dataset.labels[attacked])
+        if broken_by is None:  # e.g. sharded across processes: the core's rows hold the overall number
             continue
-        broken_by, skipped = run
         for position, component in enumerate(params["components"]):
-            if component in skipped:
-                metrics[f"{label}/skipped/{component}"] = 1.0
-                continue
-            still = (broken_by == ROBUST) | (broken_by > position)
-            metrics[f"{label}/robust_accuracy_after/{component}"] = still.float().mean().item()
-            metrics[f"{label}/broken_by/{component}"] = float((broken_by == position).sum())
+            still = torch.zeros(len(dataset), dtype=torch.bool)
+            still[attacked] = (broken_by == ROBUST) | (broken_by > position)
+            metrics[f"{params['label']}/robust_accuracy_after/{component}"] = still.float().mean().item()
+            metrics[f"{params['label']}/broken_by/{component}"] = float((broken_by == position).sum())
+        metrics[f"{params['label']}/robust_accuracy"] = still.float().mean().item()
     return metrics
 
 
@@ -243,5 +237,4 @@ def latest_run(records, labels: torch.Tensor):
             break
     if total != len(labels) or not torch.equal(torch.cat([r[0] for r in tail]), labels.cpu()):
         return None
-    skipped = set().union(*(r[2] for r in tail))
-    return torch.cat([r[1] for r in tail]), skipped
+    return torch.cat([r[1] for r in tail])

@@ -15,13 +15,26 @@ input, one run per target from the clean input, ``alpha_max`` 0.1, ``eta`` 1.05,
 example counts as broken when a misclassified point within ``eps`` was found. Here each example stops
 as soon as it has one (AutoAttack keeps minimising the norm, which does not change whether it is
 within ``eps``).
+
+As an attack plugin (``fab``, the component ``eval.protocol: standard`` runs), with defaults::
+
+    steps: 100           # iterations per target
+    target_classes: 9    # the classes ranked after the true one (fewer when the model has fewer)
+    alpha_max: 0.1
+    eta: 1.05
+    beta: 0.9
+
+Threat models L-inf and L2. An example never broken is returned as its clean input.
 """
 
 from __future__ import annotations
 
 import torch
 
+from advframe import PluginError, hookimpl
 from advframe.models import eval_mode, unwrap
+
+DEFAULTS = {"steps": 100, "target_classes": 9, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
 
 
 def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
@@ -123,3 +136,21 @@ def fab_targeted(model, inputs: torch.Tensor, labels: torch.Tensor, *, eps: floa
                         break
                 point = torch.where(wrong.view(shape), x + beta * (point - x), point)  # back towards the clean input
     return result, broken & ~already
+
+
+@hookimpl
+def default_config():
+    return dict(DEFAULTS)
+
+
+@hookimpl
+def generate_perturbation(model, inputs, labels, params, ctx):
+    if params["norm"] not in ("linf", "l2"):
+        raise PluginError(f"fab: norm must be linf or l2, got {params['norm']!r}")
+    if params["steps"] < 1 or params["target_classes"] < 1:
+        raise PluginError(f"fab: steps and target_classes must be >= 1, got {params['steps']} and "
+                          f"{params['target_classes']}")
+    adversarial, _ = fab_targeted(model, inputs, labels, eps=params["eps"], norm=params["norm"], steps=params["steps"],
+                                  target_classes=min(params["target_classes"], ctx.num_classes - 1),
+                                  alpha_max=params["alpha_max"], eta=params["eta"], beta=params["beta"])
+    return adversarial

@@ -22,8 +22,8 @@ examples (a fixed random subset: evaluation splits are often sorted by class):
   per-example worst case of PGD and APGD-DLR, and the black-box and noise flags compare against it;
 * large budget: the same PGD with eps x ``large_eps_factor`` (L-inf capped at 1);
 * random noise: ``random_samples`` uniform draws in the ball per example;
-* black box: the ``black_box`` attack plugin (default ``square``, through ``ctx.attack`` with its own
-  settings) when installed; the flag is NaN and ``black_box_available`` 0 when it is not;
+* black box: the ``black_box`` attack plugin (default ``square``, with AutoAttack's settings: 5,000
+  queries, p_init 0.8; another plugin with its own settings), through ``ctx.attack``, when installed; the flag is NaN and ``black_box_available`` 0 when it is not;
 * gradients of the cross-entropy at uniform random points of the ball (where attacks start), and two
   clean forward passes (randomised model?) and the output range (probabilities?).
 
@@ -63,6 +63,7 @@ DEFAULTS = {
     "max_examples": 500,
 }
 PREFIX = "gradient_masking/"
+SQUARE_AS_AUTOATTACK = {"budget": 5000, "p_init": 0.8}
 
 
 @hookimpl
@@ -93,7 +94,8 @@ def black_box_settings(ctx, name: str) -> dict | None:
         warnings.warn(f"gradient-masking: the black-box attack {name!r} is not installed; the black-box "
                       f"flag is not checked (NaN)", stacklevel=2)
         return None
-    return ctx.attack_settings(name)
+    # Square as AutoAttack runs it (5,000 queries, p_init 0.8): a weaker black box hides masking
+    return ctx.attack_settings(name, **(SQUARE_AS_AUTOATTACK if name == "square" else {}))
 
 
 def measure(model, inputs, labels, settings, ctx, black_box) -> dict[str, torch.Tensor]:

@@ -28,9 +28,12 @@ def test_apgd_contract(tmp_path):
 
 
 def test_autoattack_contract(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # square is not installed here
-        assert_conforms(autoattack, "autoattack", tmp_path, overrides=FAST)
+    assert_conforms(autoattack, "autoattack", tmp_path,
+                    overrides=[*FAST, "plugins.autoattack.components=[apgd-ce, apgd-t, fab-t]"])
+
+
+def test_fab_contract(tmp_path):
+    assert_conforms(fab, "fab", tmp_path, overrides=["plugins.fab.steps=10", "plugins.fab.target_classes=2"])
 
 
 def test_gradient_masking_contract(tmp_path):
@@ -141,7 +144,7 @@ def test_bad_settings_are_user_errors(trained):
     with pytest.raises(PluginError, match="loss must be one of"):
         attack(trained, "apgd", inputs, labels, loss="hinge")
     with pytest.raises(PluginError, match="target_classes"):
-        attack(trained, "apgd", inputs, labels, loss="dlr-targeted", target_classes=10)
+        attack(trained, "apgd", inputs, labels, loss="dlr-targeted", target_classes=0)
     with pytest.raises(PluginError, match="targeted mode is not supported"):
         attack(trained, "autoattack", inputs, labels, targeted=True)
 
@@ -204,10 +207,10 @@ def test_autoattack_reports_components_and_runs_each_on_the_still_robust_points(
     results = Run.start(host, config, tmp_path / "run").execute()
     metrics = results["metrics"]
     components = ("apgd-ce", "apgd-t", "fab-t", "square")
-    after = [metrics[f"autoattack-10/robust_accuracy_after/{c}"] for c in components]
+    after = [metrics[f"autoattack-linf-0.06-10/robust_accuracy_after/{c}"] for c in components]
     assert after == sorted(after, reverse=True)  # cumulative: never rises
     assert after[-1] == pytest.approx(metrics["robust_accuracy"])
-    assert metrics["autoattack-10/robust_accuracy"] == pytest.approx(metrics["robust_accuracy"])
+    assert metrics["autoattack-linf-0.06-10/robust_accuracy"] == pytest.approx(metrics["robust_accuracy"])
     assert metrics["clean_accuracy"] > after[0]
     # Square saw only the examples the three white-box components left robust, with the override
     robust_left = round(after[2] * 100)
@@ -215,14 +218,12 @@ def test_autoattack_reports_components_and_runs_each_on_the_still_robust_points(
     assert all(queries == 50 for _, queries in FakeSquare.batches)
 
 
-def test_autoattack_skips_missing_square_with_a_warning_in_the_metrics(tmp_path):
+def test_autoattack_without_square_installed_is_an_error_that_names_it(tmp_path):
     host = make_host((autoattack, "autoattack"))
     config = tiny_config(host, "erm", ["eval.evaluators=[autoattack]",
                                        "eval.attacks=[{name: autoattack, steps: 5, components: [apgd-ce, square]}]"])
-    with pytest.warns(UserWarning, match="square plugin is not installed"):
-        metrics = Run.start(host, config, tmp_path / "run").execute()["metrics"]
-    assert metrics["autoattack-5/skipped/square"] == 1.0
-    assert "autoattack-5/robust_accuracy_after/square" not in metrics
+    with pytest.raises(PluginError, match="needs the square plugin, which is not installed"):
+        Run.start(host, config, tmp_path / "run").execute()
 
 
 # -- FAB-T ----------------------------------------------------------------------------------------------

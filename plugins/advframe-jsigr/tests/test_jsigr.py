@@ -110,3 +110,16 @@ def test_text_inputs_are_refused_with_one_clear_error(tmp_path):
         tiny_run(jsigr, NAME, tmp_path / "run", overrides=[
             "data.name=text", f"data.root={tmp_path}", "data.max_length=3", "data.train_size=null",
             "data.test_size=null", "model.name=text-classifier", "model.args={embedding_dim: 8, channels: 8}"])
+
+
+@pytest.mark.parametrize("overrides, per_example", [
+    ([], 1 + 2 + 2),  # forward/backward; input gradient + its double backprop; one Jacobian projection (both)
+    (["saliency_weight=0"], 1 + 1 + 2),  # the input gradient is still taken (logged), not backpropagated
+    (["jacobian_weight=0", "saliency_weight=0"], 1 + 1),
+    (["projections=3"], 1 + 2 + 3 * 2),
+])
+def test_cost_counts_the_double_backpropagation(tmp_path, overrides, per_example):
+    results = tiny_run(jsigr, NAME, tmp_path / "run",
+                       overrides=["data.train_size=96", *[f"plugins.{NAME}.{o}" for o in overrides]])
+    assert results["cost"]["gradient_evaluations"] == per_example * 96
+    assert results["cost"]["forward_passes"] > 0  # the occlusion mask's probes, counted apart
