@@ -77,9 +77,9 @@ def run_bench(host, methods: list[Method], seeds: int, user: dict, overrides: li
     from advframe.runner import Run
 
     # validate every configuration before the first minute of compute
-    plans = []
-    for method in methods:
-        for seed in range(seeds):
+    plans = []  # seed-major: a bench stopped early still has every method on its first seeds
+    for seed in range(seeds):
+        for method in methods:
             config = config_module.resolve(host, user, [*overrides, *method.overrides, f"seed={seed}"], method.plugin)
             plans.append((method, seed, config))
     records = []
