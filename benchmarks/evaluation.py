@@ -58,10 +58,13 @@ class PassCounter:
             self.forward += output.shape[0]
 
 
-def trained_run(host, runs: Path, method: str, seed: int) -> Path:
-    """The run directory of ``method`` and ``seed``, trained now unless it already holds a model."""
+def trained_run(host, runs: Path, method: str, seed: int, wait: bool) -> Path:
+    """The run directory of ``method`` and ``seed``: trained now unless it holds a finished run, or
+    (``wait``) finished by another process, such as an ``advframe bench`` writing into ``runs``."""
     run_dir = runs / method / f"seed-{seed}"
-    if not (run_dir / "model.safetensors").exists() or not (run_dir / "results.json").exists():
+    while wait and not (run_dir / "results.json").exists():
+        time.sleep(30)
+    if not (run_dir / "results.json").exists():
         config = config_module.resolve(host, {}, [f"seed={seed}"], method)
         print(f"training {method} seed {seed} into {run_dir}", flush=True)
         Run.start(host, config, run_dir).execute()
@@ -116,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--reference", type=Path, default=Path("../shared/reference/auto-attack"),
                         help="folder holding the reference autoattack package")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for another process (advframe bench --out RUNS) to finish each run instead of training it")
     args = parser.parse_args(argv)
     if args.seeds < 1 or args.examples < 1:
         parser.error("--seeds and --examples must be >= 1")
@@ -135,7 +140,7 @@ def main(argv=None) -> None:
     results: dict[str, dict[str, list[dict]]] = {}
     for seed in range(args.seeds):
         for method in methods:
-            run_dir = trained_run(host, args.runs, method, seed)
+            run_dir = trained_run(host, args.runs, method, seed, args.wait)
             rows = results.setdefault(method, {})
             for protocol in ("quick", "standard"):
                 run = advframe_evaluator(host, run_dir, protocol, args.examples)
@@ -160,7 +165,7 @@ def main(argv=None) -> None:
                 model, ported, inputs, labels, eps, args.batch_size)))
             line = ", ".join(f"{name} {100 * rows[name][-1]['robust']:.1f}" for name in ("clean", *EVALUATORS))
             print(f"seed {seed} {method}: {line}", flush=True)
-    print(table(results, args))
+        print(table(results, args, seed + 1), flush=True)  # after every seed: a stopped benchmark still reports
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
@@ -169,9 +174,9 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def table(results: dict, args) -> str:
+def table(results: dict, args, seeds: int) -> str:
     lines = [f"\nsmall-cnn on the embedded MNIST subset, L-inf eps 0.2, {args.examples} test images, "
-             f"{args.seeds} seeds (mean ± std)\n",
+             f"{seeds} seeds (mean ± std)\n",
              "| model | evaluator | robust % | Δ vs reference (points) | grad. evals / image | forward passes / image "
              "| process s | × reference (process) |",
              "|---|---|---|---|---|---|---|---|"]
