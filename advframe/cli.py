@@ -82,7 +82,7 @@ def _print_results(results: dict, out_dir: Path | None) -> None:
     console.print(table)
     per_class = {k: v for k, v in metrics.items() if isinstance(v, list)}
     if per_class:
-        classes = Table(title="Per class")
+        classes = Table(title="Per class" + (" (robust: the worst case over the protocol's attacks)" if summary else ""))
         classes.add_column("class", justify="right")
         for key in per_class:
             classes.add_column(key.removeprefix("per_class_"), justify="right")
