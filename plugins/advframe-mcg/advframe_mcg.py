@@ -3,62 +3,77 @@
 code: SCLBD/MCG-Blackbox).
 
 MCG treats attacking each benign image as one task and learns, on a white-box surrogate, a
-conditional generator G(x, z) whose perturbation for a new image is a good *starting point* for any
-query-based attack:
+conditional generator G(x, z) whose perturbations for a new image are good *starting points* for
+query-based attacks. G is a conditional normalising flow (the paper's c-Glow; here ``zuko``'s
+RealNVP affine-coupling flow over the flattened perturbation, conditioned on a small conv feature
+extractor of the clean image): an invertible map between a Gaussian latent z (as many dimensions as
+the image) and a perturbation, so G gives a *distribution* of perturbations for each image.
 
-1. pre-training: G imitates the surrogate's transfer perturbations ``eps * sign(PGD-10 delta)``
-   (the paper fits a c-Glow by maximum likelihood; here a small conditional conv encoder-decoder is
-   fitted by mean squared error, the documented stand-in the issue allows);
-2. meta-training (Reptile, model-level transferability): per task (a batch of images) ``inner_steps``
-   Adam steps on the surrogate margin ``max(h_y(x + d) - max_{k != y} h_k(x + d), -kappa)``, then
-   ``phi <- phi0 + meta_lr * (phi_m - phi0)``;
-3. per example at attack time (example-level transferability): the surrogate is adapted online to
-   the target's query feedback (MSE between the surrogate's and the target's probability of the
-   label, on a minibatch of clean images already queried plus a "lifelong" term on the history of
-   past examples' first adversarial queries, weight 3), G is fine-tuned ``finetune_steps`` Adam
-   steps on the surrogate margin from the latent initialisation and interpolated back
-   ``phi <- phi0 + interpolation * (phi_k - phi0)``, and its perturbation is handed to the chosen
-   query attack as ``params["init"]``: that attack's first query is G's perturbation (the paper's
-   "first attack"), and it goes on from there within the remaining budget. G is reset to the
-   meta-parameters after every example; the surrogate and the history are kept.
-
-Latent initialisation: the official code uses ``z0 = encode(x, decode(x, mean latent))``, which for
-an invertible flow conditioned on the same x is the mean latent itself; here ``z0 = 0`` (the prior
-mean). ``latent_steps`` > 0 adds the optional Adam steps on z (lr 0.01) on the surrogate margin.
+1. pre-training by maximum likelihood: G's flow fits ``p(delta / eps | x)`` to the surrogate's
+   transfer perturbations, DI-MI-FGSM (momentum I-FGSM, ``transfer_steps`` steps of eps/steps, with
+   input diversity: shrink and pad back with probability ``diversity``; ``diversity: 0`` is plain
+   MI-FGSM), plus Gaussian dequantisation noise ``dequantize`` (the targets sit on the +-1 corners);
+   a sampled perturbation is ``eps * clip(G(x, z), -1, 1)``, also kept in [0, 1] for ``x + delta``;
+2. meta-training (Reptile, model-level transferability): per task (a batch of images, z sampled from
+   the prior) ``inner_steps`` Adam steps on the surrogate margin
+   ``max(h_y(x + d) - max_{k != y} h_k(x + d), -kappa)``, then ``phi <- phi0 + meta_lr * (phi_m - phi0)``;
+3. per example at attack time: the surrogate is adapted online to the target's query feedback (MSE
+   between the surrogate's and the target's probability of the label, on a minibatch of clean images
+   already queried plus a "lifelong" term on the history of past examples' first adversarial queries,
+   weight 3); ``samples`` latents are drawn from the prior (scale ``temperature``) and scored on the
+   adapted surrogate (no target query), the best becomes z0; G is fine-tuned ``finetune_steps`` Adam
+   steps on the surrogate margin at z0 and interpolated back ``phi <- phi0 + interpolation * (phi_k - phi0)``;
+   its perturbation at z0 is handed to the chosen query attack as ``params["init"]`` (that attack's
+   first query is G's perturbation, the paper's "first attack"), or, with ``attack: latent`` (the
+   CG-Attack mode), queried first and then searched from by CMA-ES (``cma``) over z, every candidate
+   one target query. G is reset to the meta-parameters after every example; the surrogate and the
+   history are kept.
 
 Queries (every one through :class:`advframe.cost.QueryCounter`, all counted, the budget included):
 one on each clean input (it says whether the example counts, and its scores feed the surrogate
-adaptation: the official code takes them uncounted), then the seeded attack's queries, whose first
-one is G's perturbation. A first-query success therefore costs 2 queries. The median reported by
-the evaluator is over successful examples' query counts (the official ``get_median`` takes the
-median of the success booleans; not repeated here).
+adaptation: the official code takes them uncounted), then the seeded attack's (or the latent
+search's) queries, whose first one is G's perturbation. A first-query success therefore costs 2
+queries. The latent samples are scored on the surrogate and cost no query. An example counts as a
+success only when the point returned for it is one the target was queried at and misclassified (a
+probe the attack rejected does not count).
 
 Settings (``plugins.mcg`` or per use in ``eval.attacks``), with defaults::
 
     surrogate: null          # run directory of the white-box surrogate (``advframe attack --surrogate``)
     attack: square           # the query-based attack plugin MCG seeds (square, simba, nes, bandits, ...);
+                             # latent: CMA-ES over G's latent z (the CG-Attack mode);
                              # none: only G's perturbation is queried (the official test_fasr mode)
     budget: 1000             # queries per example, the clean query included
     targeted: false          # true: the labels passed are target classes
     kappa: 5.0               # margin cap of the meta-training and fine-tuning loss (official 5)
-    latent_dim: 8            # size of z
-    width: 16                # channels of the generator
+    transforms: 3            # affine coupling layers of the flow
+    hidden: 128              # hidden units of each coupling layer's two-layer network
+    context: 32              # size of the image features the flow is conditioned on
+    width: 16                # channels of the conv feature extractor
     meta_examples: 1000      # images of the surrogate's training split used to (meta-)train G
-    pretrain_epochs: 1       # epochs imitating eps * sign(PGD-10 on the surrogate)
+    transfer_steps: 10       # DI-MI-FGSM iterations on the surrogate (official family: 30 on ImageNet)
+    momentum: 1.0            # MI-FGSM decay factor mu
+    diversity: 0.5           # DI probability of the shrink-and-pad input transform (0: plain MI-FGSM)
+    pretrain_epochs: 10      # maximum-likelihood epochs on the transfer perturbations
     pretrain_lr: 0.001
+    dequantize: 0.1          # std of the Gaussian noise added to the +-1 targets while fitting
     meta_tasks: 300          # Reptile tasks (official: 5 epochs over ImageNet)
     meta_batch: 16           # images per task (official 16)
     inner_steps: 5           # Adam steps per task (official 5)
     inner_lr: 0.0004         # (official 4e-4)
-    meta_lr: 0.1             # Reptile outer step size eta
-    meta_train: true         # false: the pre-trained G only (no Reptile), the "non-meta G" ablation
+    meta_lr: 0.1             # Reptile outer step size eta (1: keep the inner result, what the official code does)
+    meta_train: true         # false: the likelihood-trained G only (no Reptile), the "non-meta G" ablation
     meta_seed: 0             # seed of G's initialisation and (meta-)training data order
+    samples: 8               # latents drawn per example and scored on the surrogate (0: z0 = 0, the prior mode)
+    temperature: 1.0         # scale of the prior the latents are drawn from
     finetune: true           # per-example fine-tuning of G (ablation switch)
     finetune_steps: 2        # Adam steps per example (the METHODS.md reading; one code version uses 3)
     finetune_lr: 0.001       # (official 1e-3)
     interpolation: 0.2       # phi0 + interpolation * (phi_k - phi0) (one code version uses 0.005)
     grad_clip: 5.0           # gradient value clip while fine-tuning G (official max_grad_clip 5)
-    latent_steps: 0          # optional Adam steps on z before fine-tuning (official option: 10)
+    latent_steps: 0          # optional Adam steps on z0 before fine-tuning (official option: 10)
+    cma_popsize: 20          # CMA-ES population of the latent search (official 20)
+    cma_sigma: 1.0           # CMA-ES initial step size, in units of the prior's std
     adapt_surrogate: true    # online surrogate adaptation to the target's feedback (ablation switch)
     surrogate_lr: 0.0001     # Adam (official 1e-4 CIFAR, 3e-4 ImageNet)
     surrogate_batch: 20      # clean minibatch (the example plus 19 past clean queries) and history batch
@@ -82,32 +97,40 @@ cached in memory per surrogate directory and generator settings, so only the fir
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import NamedTuple
 
+import cma
+import numpy as np
 import torch
 import torch.nn.functional as F
+import zuko
 from torch import nn
 
 from advframe import PluginError, hookimpl
-from advframe.attacks import misclassified, pgd, project
+from advframe.attacks import misclassified, project
 from advframe.cost import QueryCounter
 from advframe.losses import margin
 from advframe.models import eval_mode
 
 DEFAULTS = {
     "surrogate": None, "attack": "square", "budget": 1000, "targeted": False, "kappa": 5.0,
-    "latent_dim": 8, "width": 16, "meta_examples": 1000, "pretrain_epochs": 1, "pretrain_lr": 0.001,
+    "transforms": 3, "hidden": 128, "context": 32, "width": 16, "meta_examples": 1000, "transfer_steps": 10,
+    "momentum": 1.0, "diversity": 0.5, "pretrain_epochs": 10, "pretrain_lr": 0.001, "dequantize": 0.1,
     "meta_tasks": 300, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.0004, "meta_lr": 0.1,
-    "meta_train": True, "meta_seed": 0, "finetune": True, "finetune_steps": 2, "finetune_lr": 0.001,
-    "interpolation": 0.2, "grad_clip": 5.0, "latent_steps": 0, "adapt_surrogate": True,
-    "surrogate_lr": 0.0001, "surrogate_batch": 20, "history_weight": 3.0, "mse_scale": 0.05,
-    "surrogate_clip": 0.1, "chunk": 10, "carry_over": False,
+    "meta_train": True, "meta_seed": 0, "samples": 8, "temperature": 1.0, "finetune": True,
+    "finetune_steps": 2, "finetune_lr": 0.001, "interpolation": 0.2, "grad_clip": 5.0, "latent_steps": 0,
+    "cma_popsize": 20, "cma_sigma": 1.0, "adapt_surrogate": True, "surrogate_lr": 0.0001,
+    "surrogate_batch": 20, "history_weight": 3.0, "mse_scale": 0.05, "surrogate_clip": 0.1, "chunk": 10,
+    "carry_over": False,
 }
-GENERATOR_KEYS = ("latent_dim", "width", "meta_examples", "pretrain_epochs", "pretrain_lr", "meta_tasks",
-                  "meta_batch", "inner_steps", "inner_lr", "meta_lr", "meta_train", "meta_seed", "kappa",
-                  "targeted")
+GENERATOR_KEYS = ("transforms", "hidden", "context", "width", "meta_examples", "transfer_steps", "momentum",
+                  "diversity", "pretrain_epochs", "pretrain_lr", "dequantize", "meta_tasks", "meta_batch",
+                  "inner_steps", "inner_lr", "meta_lr", "meta_train", "meta_seed", "kappa", "targeted",
+                  "temperature")
 PROBABILITY_ATTACKS = {"simba"}  # attacks that read probabilities from the counter they are given
+OWN_MODES = ("none", "latent")  # values of ``attack`` that are not another plugin
 
 
 @hookimpl
@@ -115,35 +138,46 @@ def default_config():
     return dict(DEFAULTS)
 
 
-# -- the conditional generator -------------------------------------------------------------------
+# -- the conditional flow --------------------------------------------------------------------------
 
-class ConditionalGenerator(nn.Module):
-    """G(x, z): a small conv encoder-decoder conditioned on the image, latent z broadcast over the
-    half-resolution feature map, output ``eps * tanh`` (inside the L-inf ball by construction)."""
+class ConditionalFlow(nn.Module):
+    """G: a conditional normalising flow over the flattened perturbation in units of eps,
+    ``p(delta / eps | x)``. The condition is a small conv feature extractor of the clean image; the
+    flow is ``zuko``'s RealNVP (affine couplings with alternating masks, each coupling network fed
+    the features). ``decode`` maps a latent z (one per image, the image's size) to a perturbation."""
 
-    def __init__(self, channels: int, latent_dim: int = 8, width: int = 16):
+    def __init__(self, shape: tuple[int, ...], *, transforms: int = 3, hidden: int = 128, context: int = 32,
+                 width: int = 16):
         super().__init__()
-        self.latent_dim = latent_dim
-        self.encode1 = nn.Conv2d(channels, width, 3, padding=1)
-        self.encode2 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)
-        self.middle = nn.Conv2d(2 * width + latent_dim, 2 * width, 3, padding=1)
-        self.decode1 = nn.Conv2d(2 * width, width, 3, padding=1)
-        self.decode2 = nn.Conv2d(2 * width, channels, 3, padding=1)
+        self.shape = tuple(shape)
+        self.features = math.prod(self.shape)
+        self.encoder = nn.Sequential(
+            nn.Conv2d(self.shape[0], width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * width, context))
+        self.flow = zuko.flows.RealNVP(self.features, context, transforms=transforms,
+                                       hidden_features=(hidden, hidden))
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
-        skip = F.relu(self.encode1(x * 2 - 1))
-        h = F.relu(self.encode2(skip))
-        h = torch.cat([h, z[:, :, None, None].expand(-1, -1, *h.shape[2:])], 1)
-        h = F.relu(self.middle(h))
-        h = F.interpolate(h, size=x.shape[2:], mode="nearest")
-        h = F.relu(self.decode1(h))
-        return eps * torch.tanh(self.decode2(torch.cat([h, skip], 1)))
+    def distribution(self, inputs: torch.Tensor):
+        return self.flow(self.encoder(inputs * 2 - 1))
+
+    def log_prob(self, units: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Log-density (nats per dimension) of perturbations ``units`` (in units of eps) given the images."""
+        return self.distribution(inputs).log_prob(units.flatten(1)) / self.features
+
+    def decode(self, inputs: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+        """The perturbation (in units of eps, unclipped) that latent rows ``latent`` map to."""
+        return self.distribution(inputs).transform.inv(latent).view(-1, *self.shape)
 
 
-def perturbation(generator: nn.Module, inputs: torch.Tensor, latent: torch.Tensor, eps: float) -> torch.Tensor:
-    """G's perturbation for ``inputs``, also kept inside [0, 1] (x + d is never clamped in a forward
-    pass; the box is applied to d, as the core's projection does)."""
-    return project(generator(inputs, latent, eps), inputs, eps, "linf")
+def perturbation(flow: ConditionalFlow, inputs: torch.Tensor, latent: torch.Tensor, eps: float) -> torch.Tensor:
+    """``eps * clip(G(x, z), -1, 1)``, also kept inside [0, 1] for ``x + delta`` (the box is applied to
+    delta, as the core's projection does)."""
+    return project(eps * flow.decode(inputs, latent).clamp(-1, 1), inputs, eps, "linf")
+
+
+def prior(count: int, flow: ConditionalFlow, temperature: float, generator, device) -> torch.Tensor:
+    return temperature * torch.randn(count, flow.features, generator=generator).to(device)
 
 
 def surrogate_margin(surrogate: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, kappa: float,
@@ -155,32 +189,78 @@ def surrogate_margin(surrogate: nn.Module, inputs: torch.Tensor, labels: torch.T
 
 
 def interpolate_(model: nn.Module, start: dict[str, torch.Tensor], fraction: float) -> None:
-    """``phi <- phi0 + fraction * (phi - phi0)`` on every parameter except normalisation layers (the
-    official Reptile step skips actnorm; this generator has none, the rule is kept for a G with any)."""
+    """``phi <- phi0 + fraction * (phi - phi0)``, written into the parameters themselves (the flow has
+    no normalisation layer, so nothing is skipped)."""
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if "norm" in name.lower():
-                continue
             parameter.copy_(start[name] + fraction * (parameter - start[name]))
 
 
-def adapt_generator(generator: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+def adapt_generator(flow: ConditionalFlow, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
                     latent: torch.Tensor, *, steps: int, lr: float, eps: float, kappa: float, targeted: bool,
                     clip: float | None = None) -> None:
-    """``steps`` Adam steps of G on the mean surrogate margin of its perturbations for ``x``."""
-    optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=(0.9, 0.9999))
+    """``steps`` Adam steps of G on the mean surrogate margin of its perturbations for ``x`` at ``latent``."""
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lr, betas=(0.9, 0.9999))
     for _ in range(steps):
-        loss = surrogate_margin(surrogate, x + perturbation(generator, x, latent, eps), y, kappa, targeted).mean()
+        loss = surrogate_margin(surrogate, x + perturbation(flow, x, latent, eps), y, kappa, targeted).mean()
         optimizer.zero_grad()
         loss.backward()
         if clip:
-            torch.nn.utils.clip_grad_value_(generator.parameters(), clip)
+            torch.nn.utils.clip_grad_value_(flow.parameters(), clip)
         optimizer.step()
 
 
 # -- training G on the surrogate (lazily, cached) -------------------------------------------------
 
-_GENERATORS: dict[tuple, nn.Module] = {}
+def diverse(inputs: torch.Tensor, probability: float, generator) -> torch.Tensor:
+    """DI's input transform at the input size: with ``probability``, shrink the batch to a random
+    size in [0.8, 1) of the side and pad it back at a random offset."""
+    if torch.rand((), generator=generator) >= probability:
+        return inputs
+    side = inputs.shape[-1]
+    small = int(torch.randint(max(1, int(0.8 * side)), side, (), generator=generator))
+    left, top = (int(torch.randint(0, side - small + 1, (), generator=generator)) for _ in range(2))
+    shrunk = F.interpolate(inputs, size=(small, small), mode="nearest")
+    return F.pad(shrunk, (left, side - small - left, top, side - small - top))
+
+
+def transfer_perturbations(surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
+                           momentum: float, diversity: float, targeted: bool, generator) -> torch.Tensor:
+    """DI-MI-FGSM on the surrogate: ``steps`` sign steps of eps/steps along the momentum of the
+    L1-normalised cross-entropy gradients taken at diverse inputs; the perturbation (in the eps ball
+    and [0, 1])."""
+    delta, velocity = torch.zeros_like(x), torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(surrogate(diverse(x + delta, diversity, generator)), y)
+        gradient, = torch.autograd.grad(loss, delta)
+        velocity = momentum * velocity + gradient / gradient.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        step = eps / steps * velocity.sign() * (-1 if targeted else 1)
+        delta = project(delta.detach() + step, x, eps, "linf")
+    return delta.detach()
+
+
+def fit_likelihood(flow: ConditionalFlow, x: torch.Tensor, units: torch.Tensor, *, epochs: int, lr: float,
+                   noise: float, generator, batch: int = 32) -> list[float]:
+    """Maximum likelihood of ``units`` (perturbations / eps) given ``x``, with Gaussian dequantisation
+    noise of std ``noise``; the mean log-likelihood (nats per dimension) of each epoch."""
+    optimizer = torch.optim.Adam(flow.parameters(), lr=lr)
+    history = []
+    for _ in range(epochs):
+        total = 0.0
+        for index in torch.randperm(len(x), generator=generator).split(batch):
+            index = index.to(x.device)
+            noisy = units[index] + noise * torch.randn(units[index].shape, generator=generator).to(x.device)
+            loss = -flow.log_prob(noisy, x[index]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total -= float(loss.detach()) * len(index)
+        history.append(total / len(x))
+    return history
+
+
+_GENERATORS: dict[tuple, ConditionalFlow] = {}
 _SURROGATES: dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]] = {}
 
 
@@ -210,15 +290,17 @@ def load_surrogate(ctx, path: str, device) -> tuple[nn.Module, torch.Tensor, tor
 
 
 def train_generator(surrogate: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, settings: dict,
-                    eps: float) -> ConditionalGenerator:
-    """Pre-train G to imitate surrogate PGD-10 sign perturbations, then Reptile meta-train it on the
-    surrogate margin. Deterministic given ``meta_seed`` (its own generator and a forked global RNG)."""
+                    eps: float) -> ConditionalFlow:
+    """Fit G by maximum likelihood to the surrogate's DI-MI-FGSM perturbations, then Reptile
+    meta-train it on the surrogate margin. Deterministic given ``meta_seed`` (its own generator and
+    a forked global RNG). The per-epoch log-likelihoods are kept in ``G.log_likelihoods``."""
     seed = settings["meta_seed"]
     generator = torch.Generator().manual_seed(seed)
     device = inputs.device
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ConditionalGenerator(inputs.shape[1], settings["latent_dim"], settings["width"]).to(device)
+        flow = ConditionalFlow(tuple(inputs.shape[1:]), transforms=settings["transforms"], hidden=settings["hidden"],
+                               context=settings["context"], width=settings["width"]).to(device)
     count = min(settings["meta_examples"], len(inputs))
     chosen = torch.randperm(len(inputs), generator=generator)[:count].to(device)
     x, y = inputs[chosen], labels[chosen]
@@ -227,32 +309,27 @@ def train_generator(surrogate: nn.Module, inputs: torch.Tensor, labels: torch.Te
         shift = torch.randint(1, int(labels.max()) + 1, (count,), generator=generator).to(device)
         y = (y + shift) % (int(labels.max()) + 1)
     with eval_mode(surrogate):
-        imitation = eps * torch.sign(pgd(surrogate, x, y, eps=eps, alpha=2.5 * eps / 10, steps=10, norm="linf",
-                                         targeted=targeted, generator=generator) - x)
-        batch = settings["meta_batch"]
-        optimizer = torch.optim.Adam(model.parameters(), lr=settings["pretrain_lr"])
-        for _ in range(settings["pretrain_epochs"]):
-            for index in torch.randperm(count, generator=generator).split(max(batch, 32)):
-                index = index.to(device)
-                latent = torch.randn(len(index), settings["latent_dim"], generator=generator).to(device)
-                loss = F.mse_loss(model(x[index], latent, eps), imitation[index])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+        units = transfer_perturbations(surrogate, x, y, eps=eps, steps=settings["transfer_steps"],
+                                       momentum=settings["momentum"], diversity=settings["diversity"],
+                                       targeted=targeted, generator=generator) / eps
+        flow.log_likelihoods = fit_likelihood(flow, x, units, epochs=settings["pretrain_epochs"],
+                                              lr=settings["pretrain_lr"], noise=settings["dequantize"],
+                                              generator=generator)
         if settings["meta_train"]:
+            batch = settings["meta_batch"]
             for _ in range(settings["meta_tasks"]):
                 index = torch.randperm(count, generator=generator)[:batch].to(device)
-                latent = torch.randn(len(index), settings["latent_dim"], generator=generator).to(device)
-                start = {k: v.detach().clone() for k, v in model.named_parameters()}
-                adapt_generator(model, surrogate, x[index], y[index], latent, steps=settings["inner_steps"],
+                latent = prior(len(index), flow, settings["temperature"], generator, device)
+                start = {k: v.detach().clone() for k, v in flow.named_parameters()}
+                adapt_generator(flow, surrogate, x[index], y[index], latent, steps=settings["inner_steps"],
                                 lr=settings["inner_lr"], eps=eps, kappa=settings["kappa"], targeted=targeted)
-                interpolate_(model, start, settings["meta_lr"])
-    for parameter in model.parameters():
+                interpolate_(flow, start, settings["meta_lr"])
+    for parameter in flow.parameters():
         parameter.requires_grad_(False)
-    return model.eval()
+    return flow.eval()
 
 
-def meta_generator(ctx, params: dict, device) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+def meta_generator(ctx, params: dict, device) -> tuple[ConditionalFlow, nn.Module, torch.Tensor]:
     """(meta-trained G, a fresh copy of the surrogate, the surrogate's training inputs), G cached."""
     surrogate, inputs, labels = load_surrogate(ctx, params["surrogate"], device)
     key = (str(Path(params["surrogate"]).resolve()), params["eps"], str(device),
@@ -265,29 +342,36 @@ def meta_generator(ctx, params: dict, device) -> tuple[nn.Module, nn.Module, tor
 # -- the attack ------------------------------------------------------------------------------------
 
 class RecordingCounter(QueryCounter):
-    """The core's query counter, also keeping each example's first query after ``start`` (the
-    seeded attack's first query: G's perturbation) with the target's probabilities there."""
+    """The core's query counter, also keeping each example's first query after ``start`` (G's
+    perturbation) with the target's probabilities there, and every point at which an example's
+    query reached the goal (so a success can be checked against the point the attack returns)."""
 
     def __init__(self, model, num_examples, start: torch.Tensor, labels: torch.Tensor, targeted: bool, **kwargs):
         super().__init__(model, num_examples, **kwargs)
         self.counts = start.clone()
         self.labels, self.targeted = labels, targeted
-        self.succeeded = torch.zeros(num_examples, dtype=torch.bool)
         self.start = start.clone()
         self.first_inputs: dict[int, torch.Tensor] = {}
         self.first_probabilities: dict[int, torch.Tensor] = {}
+        self.wins: dict[int, list[torch.Tensor]] = {}
 
     def __call__(self, inputs, index=None):
         index = torch.arange(len(inputs)) if index is None else index.cpu()
         first = (self.counts[index] == self.start[index]).tolist()
         scores = super().__call__(inputs, index)
         probabilities = scores if self.scores == "probabilities" else scores.softmax(1)
-        self.succeeded[index] |= misclassified(scores, self.labels[index.to(self.labels.device)], self.targeted).cpu()
-        for row, (example, is_first) in enumerate(zip(index.tolist(), first)):
+        won = misclassified(scores, self.labels[index.to(self.labels.device)], self.targeted).tolist()
+        for row, (example, is_first, is_win) in enumerate(zip(index.tolist(), first, won)):
             if is_first:
                 self.first_inputs[example] = inputs[row].detach()
                 self.first_probabilities[example] = probabilities[row]
+            if is_win:
+                self.wins.setdefault(example, []).append(inputs[row].detach())
         return scores
+
+    def accepted(self, example: int, point: torch.Tensor) -> bool:
+        """Whether ``point`` is one at which the target was queried and the example reached the goal."""
+        return any(torch.allclose(point, win, rtol=0, atol=1e-6) for win in self.wins.get(example, ()))
 
 
 class AttackState:
@@ -347,19 +431,34 @@ def adapt_surrogate(state: AttackState, params: dict, current: tuple, generator)
         surrogate_step(state, params, [(history, params["history_weight"]), (_stack([current]), 1.0)])
 
 
-def example_perturbation(meta: nn.Module, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                         params: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G's perturbation before fine-tuning, after): latent initialisation at the prior mean,
-    optional latent steps, ``finetune_steps`` Adam steps on the surrogate margin, interpolation back
-    towards the meta-parameters. ``meta`` is never changed (the per-example copy is dropped)."""
+class ExampleSeed(NamedTuple):
+    """What MCG prepares for one example before querying it."""
+
+    meta_init: torch.Tensor  # the meta-generator's perturbation at z0, before fine-tuning
+    init: torch.Tensor  # G's perturbation at z0 after fine-tuning (the first adversarial query)
+    latent: torch.Tensor  # z0
+    generator: ConditionalFlow  # the fine-tuned copy of G (the meta-generator itself without fine-tuning)
+
+
+def example_perturbation(meta: ConditionalFlow, surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         params: dict, generator) -> ExampleSeed:
+    """z0 = the best of ``samples`` prior draws on the surrogate margin (the prior mode without
+    samples), optional latent steps, ``finetune_steps`` Adam steps of a copy of G on the surrogate
+    margin at z0, interpolation back towards the meta-parameters. ``meta`` is never changed."""
     eps, kappa, targeted = params["eps"], params["kappa"], params["targeted"]
-    latent = torch.zeros(1, meta.latent_dim, device=x.device)
-    with torch.no_grad():
-        before = perturbation(meta, x, latent, eps)
     for parameter in surrogate.parameters():
         parameter.requires_grad_(False)
     try:
         with eval_mode(surrogate):
+            if params["samples"]:
+                latents = prior(params["samples"], meta, params["temperature"], generator, x.device)
+                many = x.expand(len(latents), *x.shape[1:])
+                with torch.no_grad():
+                    scores = surrogate_margin(surrogate, many + perturbation(meta, many, latents, eps),
+                                              y.expand(len(latents)), kappa, targeted)
+                latent = latents[int(scores.argmin())][None]
+            else:
+                latent = torch.zeros(1, meta.features, device=x.device)
             if params["latent_steps"]:
                 latent = latent.clone().requires_grad_(True)
                 optimizer = torch.optim.Adam([latent], lr=0.01, betas=(0.9, 0.5))
@@ -370,9 +469,10 @@ def example_perturbation(meta: nn.Module, surrogate: nn.Module, x: torch.Tensor,
                     loss.backward()
                     optimizer.step()
                 latent = latent.detach()
+            with torch.no_grad():
+                before = perturbation(meta, x, latent, eps)
             if not params["finetune"]:
-                with torch.no_grad():
-                    return before, perturbation(meta, x, latent, eps)
+                return ExampleSeed(before, before, latent, meta)
             local = copy.deepcopy(meta)
             for parameter in local.parameters():
                 parameter.requires_grad_(True)
@@ -380,20 +480,63 @@ def example_perturbation(meta: nn.Module, surrogate: nn.Module, x: torch.Tensor,
             adapt_generator(local, surrogate, x, y, latent, steps=params["finetune_steps"], lr=params["finetune_lr"],
                             eps=eps, kappa=kappa, targeted=targeted, clip=params["grad_clip"])
             interpolate_(local, start, params["interpolation"])
+            for parameter in local.parameters():
+                parameter.requires_grad_(False)
             with torch.no_grad():
-                return before, perturbation(local, x, latent, eps)
+                return ExampleSeed(before, perturbation(local, x, latent, eps), latent, local.eval())
     finally:
         for parameter in surrogate.parameters():
             parameter.requires_grad_(True)
 
 
+def target_margin(scores: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """What the latent search minimises: label minus best other score (untargeted), best other minus
+    target (targeted); negative means the goal is reached."""
+    distance = margin(scores, labels)
+    return distance if targeted else -distance
+
+
+def latent_search(counter: RecordingCounter, example: int, x: torch.Tensor, y: torch.Tensor, seed: ExampleSeed,
+                  params: dict, cma_seed: int) -> torch.Tensor:
+    """The CG-Attack mode for one example: query G's perturbation at z0, then CMA-ES over z from z0
+    (diagonal covariance, as the official MetaLearner's options), each candidate one target query,
+    in order, until the goal is reached or the budget is spent; the last queried point that reached
+    the goal, else the best queried point."""
+    eps, targeted, flow = params["eps"], params["targeted"], seed.generator
+    index = torch.tensor([example])
+    best_point = x + seed.init
+    best = float(target_margin(counter(best_point, index), y, targeted)[0])
+    if best < 0:
+        return best_point
+    options = {"popsize": params["cma_popsize"], "seed": cma_seed, "CMA_diagonal": True, "verbose": -9,
+               "tolfun": 1e-10}
+    search = cma.CMAEvolutionStrategy(seed.latent[0].cpu().double().numpy(), params["cma_sigma"], options)
+    while int(counter.remaining(index)[0]) > 0:
+        candidates = search.ask()
+        latents = torch.as_tensor(np.stack(candidates), dtype=x.dtype, device=x.device)
+        with torch.no_grad():
+            points = x + perturbation(flow, x.expand(len(latents), *x.shape[1:]), latents, eps)
+        values = []
+        for point in points:
+            if int(counter.remaining(index)[0]) <= 0:
+                return best_point
+            value = float(target_margin(counter(point[None], index), y, targeted)[0])
+            values.append(value)
+            if value < best:
+                best, best_point = value, point[None]
+            if value < 0:
+                return best_point
+        search.tell(candidates, values)
+    return best_point
+
+
 class MCGResult(NamedTuple):
     adversarial: torch.Tensor
     queries: torch.Tensor  # per example, the clean query included
-    success: torch.Tensor
+    success: torch.Tensor  # the returned point was queried and reached the goal
     counted: torch.Tensor  # attacked: the clean input was not already a success
     init: torch.Tensor  # G's perturbation handed to the attack (after fine-tuning)
-    meta_init: torch.Tensor  # the meta-generator's perturbation before fine-tuning
+    meta_init: torch.Tensor  # the meta-generator's perturbation at the same z0, before fine-tuning
     first_success: torch.Tensor  # succeeded at G's perturbation (the first query after the clean one)
 
 
@@ -408,22 +551,28 @@ def check_settings(params: dict, ctx) -> None:
     budget = params["budget"]
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 2:
         raise PluginError(f"mcg: budget must be a whole number of queries >= 2 (clean + G's), got {budget!r}")
-    for key in ("meta_batch", "inner_steps", "surrogate_batch", "chunk", "latent_dim", "width", "meta_examples"):
+    for key in ("meta_batch", "inner_steps", "surrogate_batch", "chunk", "transforms", "hidden", "context", "width",
+                "meta_examples", "transfer_steps", "cma_popsize"):
         if params[key] < 1:
             raise PluginError(f"mcg: {key} must be >= 1, got {params[key]}")
-    for key in ("finetune_steps", "latent_steps", "meta_tasks", "pretrain_epochs"):
+    for key in ("finetune_steps", "latent_steps", "meta_tasks", "pretrain_epochs", "samples"):
         if params[key] < 0:
             raise PluginError(f"mcg: {key} must be >= 0, got {params[key]}")
     if not 0 <= params["interpolation"] <= 1 or not 0 < params["meta_lr"] <= 1:
         raise PluginError("mcg: interpolation must be in [0, 1] and meta_lr in (0, 1]")
-    if params["attack"] == "none":
+    if not 0 <= params["diversity"] <= 1:
+        raise PluginError(f"mcg: diversity is a probability, got {params['diversity']}")
+    if params["temperature"] <= 0 or params["cma_sigma"] <= 0:
+        raise PluginError("mcg: temperature and cma_sigma must be > 0")
+    if params["attack"] in OWN_MODES:
         return
     if params["attack"] == "mcg":
-        raise PluginError("mcg: attack must be a query-based attack plugin (square, simba, nes, bandits), not mcg")
+        raise PluginError("mcg: attack must be a query-based attack plugin (square, simba, nes, bandits), "
+                          "latent or none, not mcg")
     ctx.host.require(params["attack"], "attack")
     if "budget" not in ctx.host.default_config(params["attack"]):
         raise PluginError(f"mcg: attack {params['attack']!r} is not a query-based attack (no budget setting); "
-                          f"use square, simba, nes or bandits")
+                          f"use square, simba, nes, bandits, latent or none")
 
 
 def mcg_attack(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, params: dict, ctx) -> MCGResult:
@@ -443,9 +592,9 @@ def mcg_attack(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, par
         state = AttackState(surrogate, params["surrogate_lr"], model)
         if params["carry_over"]:
             _STATES[key] = state
-    n, targeted = len(inputs), params["targeted"]
+    n, targeted, mode = len(inputs), params["targeted"], params["attack"]
     inputs, labels = inputs.detach(), labels.detach()
-    scores = "probabilities" if params["attack"] in PROBABILITY_ATTACKS else "logits"
+    scores = "probabilities" if mode in PROBABILITY_ATTACKS else "logits"
     clean_counter = QueryCounter(model, n, budget=params["budget"], scores=scores, attack="mcg")
     clean_scores = clean_counter(inputs)
     counted = ~misclassified(clean_scores, labels, targeted)
@@ -465,33 +614,40 @@ def mcg_attack(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, par
     first_success = torch.zeros(n, dtype=torch.bool)
     init = torch.zeros_like(inputs)
     meta_init = torch.zeros_like(inputs)
-    child = None if params["attack"] == "none" else ctx.attack_settings(
-        params["attack"], **{**params.get("attack_overrides", {}), "budget": params["budget"], "targeted": targeted,
-                             "eps": params["eps"], "norm": params["norm"]})
+    child = None if mode in OWN_MODES else ctx.attack_settings(
+        mode, **{**params.get("attack_overrides", {}), "budget": params["budget"], "targeted": targeted,
+                 "eps": params["eps"], "norm": params["norm"]})
     for start in range(0, n, params["chunk"]):
         rows = torch.arange(start, min(start + params["chunk"], n))
+        seeds = {}
         for i in rows.tolist():
             if not counted[i]:
                 continue
             if params["adapt_surrogate"]:
                 adapt_surrogate(state, params, entries[i], generator)
-            meta_init[i:i + 1], init[i:i + 1] = example_perturbation(
-                meta, state.surrogate, inputs[i:i + 1], labels[i:i + 1], params)
+            seeds[i] = example_perturbation(meta, state.surrogate, inputs[i:i + 1], labels[i:i + 1], params, generator)
+            meta_init[i:i + 1], init[i:i + 1] = seeds[i].meta_init, seeds[i].init
         counter = RecordingCounter(model, len(rows), queries[rows], labels[rows], targeted, budget=params["budget"],
-                                   scores=scores, attack=f"mcg+{params['attack']}")
+                                   scores=scores, attack=f"mcg+{mode}")
         round_counted = counted[rows]
-        if child is None:  # attack: none, G's perturbation only (the official test_fasr mode)
+        adversarial[rows] = torch.where(round_counted.to(device).view(-1, 1, 1, 1), inputs[rows] + init[rows],
+                                        inputs[rows])
+        if mode == "none":  # G's perturbation only (the official test_fasr mode)
             todo = torch.nonzero(round_counted).squeeze(1)
             if len(todo):
                 counter(inputs[rows][todo] + init[rows][todo], todo)
-            adversarial[rows] = torch.where(round_counted.to(device).view(-1, 1, 1, 1), inputs[rows] + init[rows],
-                                            inputs[rows])
+        elif mode == "latent":  # CMA-ES over z (the CG-Attack mode), one example after another
+            for local, i in enumerate(rows.tolist()):
+                if i in seeds:
+                    cma_seed = int(torch.randint(1, 2**30, (), generator=generator))
+                    adversarial[i:i + 1] = latent_search(counter, local, inputs[i:i + 1], labels[i:i + 1], seeds[i],
+                                                         params, cma_seed)
         else:
             seeded = {**child, "init": init[rows], "counter": counter, "counted": round_counted.to(device)}
             adversarial[rows] = ctx.attack(model, inputs[rows], labels[rows], seeded)
         queries[rows] = counter.counts
-        success[rows] = round_counted.cpu() & counter.succeeded
         for local, i in enumerate(rows.tolist()):
+            success[i] = bool(counted[i]) and counter.accepted(local, adversarial[i])
             if local in counter.first_inputs:
                 probabilities = counter.first_probabilities[local]
                 state.history.append((counter.first_inputs[local], probabilities, labels[i]))

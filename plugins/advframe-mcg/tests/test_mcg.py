@@ -12,8 +12,9 @@ from advframe.losses import margin
 from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config
 
-TINY = {"meta_examples": 96, "meta_tasks": 8, "meta_batch": 8, "inner_steps": 2, "pretrain_epochs": 1,
-        "latent_dim": 4, "width": 8, "budget": 40, "chunk": 4, "surrogate_batch": 4}
+TINY = {"meta_examples": 96, "meta_tasks": 8, "meta_batch": 8, "inner_steps": 2, "pretrain_epochs": 2,
+        "transfer_steps": 5, "transforms": 2, "hidden": 32, "context": 8, "width": 8, "samples": 4,
+        "cma_popsize": 6, "budget": 40, "chunk": 4, "surrogate_batch": 4}
 EPS = 0.2
 
 
@@ -57,6 +58,24 @@ class RandomSearch:
         return torch.where(counted.view(-1, 1, 1, 1), inputs + delta, inputs)
 
 
+class ProbeThenReject(RandomSearch):
+    """``test-reject``: queries G's perturbation and then a point of another class (which the target
+    gets wrong), and returns the clean input: no point it returns reaches the goal."""
+
+    __name__ = "test_mcg.ProbeThenReject"
+    winning_probes = 0
+
+    @staticmethod
+    @hookimpl
+    def generate_perturbation(model, inputs, labels, params, ctx):
+        counter, todo = params["counter"], torch.nonzero(params["counted"]).squeeze(1)
+        counter(inputs[todo] + params["init"][todo], todo)
+        others = torch.stack([inputs[(labels != labels[i]).nonzero()[0, 0]] for i in todo.tolist()])
+        ProbeThenReject.winning_probes += int(misclassified(counter(others, todo), labels[todo]).sum())
+        ctx.record_queries(counter.counts, torch.zeros(len(inputs), dtype=torch.bool), counted=params["counted"])
+        return inputs
+
+
 class Counting(nn.Module):
     """The target seen from outside: every row it is asked about, in order."""
 
@@ -93,7 +112,7 @@ def models(tmp_path_factory):
 
 
 def setup_attack(target, surrogate_dir, tmp_path, **overrides):
-    host = make_host((advframe_mcg, "mcg"), (RandomSearch(), "test-search"))
+    host = make_host((advframe_mcg, "mcg"), (RandomSearch(), "test-search"), (ProbeThenReject(), "test-reject"))
     settings = {**TINY, "surrogate": str(surrogate_dir), **overrides}
     config = tiny_config(host, None, [f"attack.eps={EPS}"], user={"plugins": {"mcg": settings}})
     run = Run.start(host, config, tmp_path / "attack")
@@ -121,6 +140,7 @@ def test_finetuning_changes_the_generator_output_towards_the_surrogate_goal(mode
     target, surrogate_dir = models
     ctx, model, inputs, labels, params = setup_attack(target, surrogate_dir, tmp_path, attack="none",
                                                       adapt_surrogate=False, finetune_steps=3, interpolation=1.0)
+    ctx.generator.manual_seed(7)
     result = advframe_mcg.mcg_attack(model, inputs, labels, params, ctx)
     counted = result.counted
     assert counted.sum() >= 10
@@ -132,6 +152,7 @@ def test_finetuning_changes_the_generator_output_towards_the_surrogate_goal(mode
         before = advframe_mcg.surrogate_margin(surrogate, inputs + result.meta_init, labels, 5.0, False)[counted]
         after = advframe_mcg.surrogate_margin(surrogate, inputs + result.init, labels, 5.0, False)[counted]
     assert after.mean() < before.mean(), "fine-tuning did not lower the surrogate margin"
+    ctx.generator.manual_seed(7)  # the same latent draws: only fine-tuning differs
     ablated = advframe_mcg.mcg_attack(model, inputs, labels, {**params, "finetune": False}, ctx)
     assert torch.equal(ablated.init, ablated.meta_init)
     assert torch.equal(ablated.meta_init, result.meta_init), "G was not reset to its meta-parameters"
@@ -151,7 +172,7 @@ def test_seeded_attack_starts_at_the_generator_perturbation(models, tmp_path):
     assert torch.equal(result.first_success, first & counted)
 
 
-@pytest.mark.parametrize("attack", ["test-search", "none"])
+@pytest.mark.parametrize("attack", ["test-search", "none", "latent"])
 def test_query_counts_are_exact(models, tmp_path, attack):
     target, surrogate_dir = models
     ctx, model, inputs, labels, params = setup_attack(target, surrogate_dir, tmp_path, attack=attack)
@@ -186,3 +207,69 @@ def test_surrogate_adaptation_moves_the_surrogate_towards_the_target(models, tmp
         before = advframe_mcg.mse_to_target(pristine, inputs, probabilities, labels)
         after = advframe_mcg.mse_to_target(state.surrogate, inputs, probabilities, labels)
     assert after < before
+
+
+def test_success_counts_only_points_the_attack_returns(models, tmp_path):
+    target, surrogate_dir = models
+    ctx, model, inputs, labels, params = setup_attack(target, surrogate_dir, tmp_path, attack="test-reject")
+    ProbeThenReject.winning_probes = 0
+    result = advframe_mcg.mcg_attack(model, inputs, labels, params, ctx)
+    assert ProbeThenReject.winning_probes >= 5, "the probes were meant to reach the goal"
+    assert not result.success.any(), "a rejected probe was counted as a success"
+
+
+def test_flow_likelihood_of_its_training_perturbations_rises(models):
+    _, surrogate_dir = models
+    host = make_host((advframe_mcg, "mcg"))
+    ctx = type("Ctx", (), {"host": host})()
+    surrogate, inputs, labels = advframe_mcg.load_surrogate(ctx, str(surrogate_dir), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    x, y = inputs[:64], labels[:64]
+    units = advframe_mcg.transfer_perturbations(surrogate, x, y, eps=EPS, steps=5, momentum=1.0, diversity=0.5,
+                                                targeted=False, generator=generator) / EPS
+    assert units.abs().max() <= 1 + 1e-6 and units.abs().max() > 0.99
+    torch.manual_seed(0)
+    flow = advframe_mcg.ConditionalFlow(tuple(x.shape[1:]), transforms=2, hidden=32, context=8, width=8)
+    with torch.no_grad():
+        before = float(flow.log_prob(units, x).mean())
+    history = advframe_mcg.fit_likelihood(flow, x, units, epochs=6, lr=0.003, noise=0.1, generator=generator)
+    with torch.no_grad():
+        after = float(flow.log_prob(units, x).mean())
+    assert history[-1] > history[0] and after > before + 0.1, (before, after, history)
+
+
+def test_samples_differ_by_latent_and_stay_in_the_ball(models, tmp_path):
+    target, surrogate_dir = models
+    ctx, model, inputs, labels, params = setup_attack(target, surrogate_dir, tmp_path)
+    meta, _, _ = advframe_mcg.meta_generator(ctx, params, inputs.device)
+    assert len(meta.log_likelihoods) == TINY["pretrain_epochs"]
+    x = inputs[:1].expand(16, *inputs.shape[1:])
+    latents = 3 * torch.randn(16, meta.features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        delta = advframe_mcg.perturbation(meta, x, latents, EPS)
+    assert delta.abs().max() <= EPS + 1e-6
+    assert (x + delta).min() >= 0 and (x + delta).max() <= 1
+    distinct = (delta[1:] - delta[:1]).flatten(1).abs().amax(1)
+    assert (distinct > 1e-3).all(), "different latents gave the same perturbation"
+    with torch.no_grad():  # the flow is invertible: encoding a decoded perturbation gives its latent back
+        units = meta.decode(x, latents)
+        again = meta.distribution(x).transform(units.flatten(1))
+    assert torch.allclose(again, latents, atol=1e-3)
+
+
+def test_latent_search_spends_its_budget_on_cma_candidates(models, tmp_path):
+    target, surrogate_dir = models
+    ctx, model, inputs, labels, params = setup_attack(target, surrogate_dir, tmp_path, attack="latent", budget=30)
+    counting = Counting(model)
+    result = advframe_mcg.mcg_attack(counting, inputs, labels, params, ctx)
+    counted = result.counted
+    assert int(result.queries.sum()) == counting.rows
+    assert int(result.queries.max()) <= 30
+    failed_first = counted & ~result.first_success
+    assert failed_first.any()
+    # an example G's perturbation did not break either succeeded later or spent the whole budget
+    assert ((result.queries[failed_first] == 30) | result.success[failed_first]).all()
+    assert (result.queries[failed_first] > 2).all(), "no CMA-ES candidate was queried"
+    with torch.no_grad():
+        assert torch.equal(result.success & counted, misclassified(model(result.adversarial), labels) & counted)
+    assert (result.adversarial - inputs).abs().max() <= EPS + 1e-6
