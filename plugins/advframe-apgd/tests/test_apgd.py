@@ -8,6 +8,7 @@ from advframe_apgd import autoattack, fab, masking
 from torch import nn
 
 from advframe import PluginError, hookimpl
+from advframe.errors import CheckpointError
 from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config
 
@@ -311,9 +312,23 @@ def masking_run(trained, tmp_path_factory):
     return Run.start(host, config, tmp_path_factory.mktemp("masking") / "run")
 
 
-def test_gradient_masking_flags_nothing_on_a_plain_model(trained, masking_run):
+def with_settings(monkeypatch, run, **settings):
+    plugins = run.config["plugins"]
+    monkeypatch.setitem(plugins, "gradient-masking", {**plugins["gradient-masking"], **settings})
+
+
+def is_nan(value):
+    return value != value
+
+
+def test_gradient_masking_flags_nothing_on_a_plain_model(trained, masking_run, monkeypatch):
+    with_settings(monkeypatch, masking_run, surrogate=str(trained.out_dir))  # the model's own run
     metrics = masking_metrics(masking_run, trained.model)
     prefix = masking.PREFIX
+    assert metrics[prefix + "flag_transfer_stronger"] == 0.0
+    assert metrics[prefix + "transfer_robust_accuracy"] >= metrics[prefix + "white_box_robust_accuracy"]
+    assert is_nan(metrics[prefix + "flag_eot_stronger"]) and is_nan(metrics[prefix + "eot_pgd_robust_accuracy"])
+    assert metrics[prefix + "any_flag"] == 0.0
     assert metrics[prefix + "flag_zero_gradients"] == 0.0
     assert metrics[prefix + "flag_nonfinite_gradients"] == 0.0
     assert metrics[prefix + "flag_large_eps_not_broken"] == 0.0
@@ -321,14 +336,19 @@ def test_gradient_masking_flags_nothing_on_a_plain_model(trained, masking_run):
     assert metrics[prefix + "flag_randomized_model"] == 0.0
     assert metrics[prefix + "flag_probability_outputs"] == 0.0
     assert metrics[prefix + "black_box_available"] == 0.0
-    assert metrics[prefix + "flag_black_box_stronger"] != metrics[prefix + "flag_black_box_stronger"]  # NaN
+    assert is_nan(metrics[prefix + "flag_black_box_stronger"])
     assert metrics[prefix + "large_eps_robust_accuracy"] < 0.05
     assert metrics[prefix + "pgd_robust_accuracy"] < metrics[prefix + "clean_accuracy"]
 
 
-def test_gradient_masking_flags_a_model_with_shattered_gradients(trained, masking_run):
+def test_gradient_masking_flags_a_model_with_shattered_gradients(trained, masking_run, monkeypatch):
+    # the surrogate is the unquantised model: its gradients are useful and its examples transfer
+    with_settings(monkeypatch, masking_run, surrogate=str(trained.out_dir))
     metrics = masking_metrics(masking_run, Quantised(trained.model))
     prefix = masking.PREFIX
+    assert metrics[prefix + "flag_transfer_stronger"] == 1.0
+    assert metrics[prefix + "transfer_robust_accuracy"] < metrics[prefix + "white_box_robust_accuracy"] - 0.3
+    assert is_nan(metrics[prefix + "flag_eot_stronger"])  # deterministic
     assert metrics[prefix + "zero_gradient_fraction"] == 1.0
     assert metrics[prefix + "flag_zero_gradients"] == 1.0
     assert metrics[prefix + "flag_large_eps_not_broken"] == 1.0  # PGD cannot move without a gradient
@@ -339,3 +359,31 @@ def test_gradient_masking_flags_a_model_with_shattered_gradients(trained, maskin
 def test_gradient_masking_flags_probability_outputs(trained, masking_run):
     metrics = masking_metrics(masking_run, Softmaxed(trained.model))
     assert metrics[masking.PREFIX + "flag_probability_outputs"] == 1.0
+
+
+class Noisy(nn.Module):
+    """Adds Gaussian noise to its input at every forward pass, in eval mode too (a randomized defense)."""
+
+    def __init__(self, model, sigma):
+        super().__init__()
+        self.model, self.sigma = model, sigma
+
+    def forward(self, x):
+        return self.model(x + self.sigma * torch.randn_like(x))
+
+
+def test_gradient_masking_flags_a_randomized_model_that_eot_breaks(trained, masking_run, monkeypatch):
+    with_settings(monkeypatch, masking_run, apgd_steps=0, random_samples=0, eot_samples=10)
+    torch.manual_seed(0)
+    metrics = masking_metrics(masking_run, Noisy(trained.model, 0.2))
+    prefix = masking.PREFIX
+    assert metrics[prefix + "flag_randomized_model"] == 1.0
+    assert metrics[prefix + "flag_eot_stronger"] == 1.0
+    assert metrics[prefix + "eot_pgd_robust_accuracy"] < metrics[prefix + "pgd_robust_accuracy"] - 0.2
+    assert is_nan(metrics[prefix + "flag_transfer_stronger"])  # no surrogate
+
+
+def test_gradient_masking_surrogate_must_be_a_run_directory(trained, masking_run, monkeypatch, tmp_path):
+    with_settings(monkeypatch, masking_run, surrogate=str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a run directory"):
+        masking_metrics(masking_run, trained.model)
