@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -94,16 +95,27 @@ def one_seed(args, seed: int, results: dict) -> None:
                     record["_flow_training_process_s"] = time.process_time() - started
             record[label] = query_efficiency.attack(run, inputs, labels, params, seed)
             print(f"seed {seed} {target} {label}: {record[label]}", flush=True)
+            (args.out / "table-partial.md").write_text(table(results) + "\n")  # what has finished so far
     (folder / "results.json").write_text(json.dumps({t: results[t][seed] for t in results}, indent=2) + "\n")
 
 
+def cell(values: list[float], scale: float = 1.0) -> str:
+    """mean ± std over the seeds with a value (query columns have none where nothing succeeded)."""
+    present = [v for v in values if not math.isnan(v)]
+    if not present:
+        return "–"
+    text = query_efficiency.cell(present, scale=scale)
+    return text if len(present) == len(values) else f"{text} ({len(present)} seeds)"
+
+
 def table(results: dict) -> str:
-    cell = query_efficiency.cell
     lines = ["| target | variant | seeds | success % | mean queries | median queries | first-query success % | "
              "process s |", "|---|---|---|---|---|---|---|---|"]
     notes = []
     for target, per_seed in results.items():
-        seeds = list(per_seed.values())
+        seeds = [s for s in per_seed.values() if any(not k.startswith("_") for k in s)]
+        if not seeds:
+            continue
         for label in (k for k in seeds[0] if not k.startswith("_")):
             rows = [s[label] for s in seeds if label in s]
             lines.append(f"| {target} | {label} | {len(rows)} | {cell([r['asr'] for r in rows], scale=100)} | "
@@ -132,7 +144,6 @@ def main() -> None:
     results: dict = {}
     for seed in args.seeds:
         one_seed(args, seed, results)
-        (args.out / "table-partial.md").write_text(table(results) + "\n")  # what has finished so far
     text = table(results)
     print(text)
     (args.out / "table.md").write_text(text + "\n")
