@@ -32,6 +32,12 @@ The paper reports the size of the perturbations CW-L2 needs; with ``eval.evaluat
 evaluation example and reports ``cw_l2/success_rate``, ``cw_l2/median_distance`` and
 ``cw_l2/mean_distance`` (over successful examples) and ``cw_l2/attacked_examples``.
 
+The defaults are a capped budget (100 Adam iterations per search step at lr 0.1), labelled by its steps
+(``cw-l2-1-100``) so it is never mistaken for the paper's attack. The paper's optimiser settings (up to
+10,000 iterations at lr 0.01, ``PAPER``) are one word away: the attack ``cw-paper``
+(``advframe_cw_paper``, labelled ``cw-paper-l2-1-10000``), or ``steps: 10000, lr: 0.01`` here
+(``cw-l2-1-10000``).
+
 Settings (``plugins.cw``, or per use in ``attack`` / ``eval.attacks``), with defaults::
 
     steps: 100                 # Adam iterations per binary-search step (L2; reference 10,000 with early abort)
@@ -71,6 +77,17 @@ DEFAULTS = {
     "random_start": "uniform",
     "restarts": 1,
 }
+# Carlini & Wagner's own optimiser settings (l2_attack.py): the ``cw-paper`` attack's defaults
+PAPER = {
+    "steps": 10000,
+    "lr": 0.01,
+    "binary_search_steps": 9,
+    "initial_const": 0.001,
+    "abort_early": True,
+    "confidence": 0.0,
+}
+L2_KEYS = ("steps", "confidence", "targeted", "stop_on_success", "binary_search_steps", "initial_const", "lr",
+           "abort_early")
 NO_BOUND = 1e10  # the reference's "no upper bound on c yet"
 
 
@@ -204,16 +221,18 @@ def default_config():
     return dict(DEFAULTS)
 
 
+def attack_l2(model, inputs, labels, params: dict) -> torch.Tensor:
+    """CW-L2 with the ``L2_KEYS`` of ``params``, capped at ``params["eps"]``."""
+    adversarial, _ = cw_l2(model, inputs, labels, eps=params["eps"], **{key: params[key] for key in L2_KEYS})
+    return adversarial
+
+
 @hookimpl
 def generate_perturbation(model, inputs, labels, params, ctx):
     check(params)
     targeted, confidence = params["targeted"], params["confidence"]
     if params["norm"] == "l2":
-        adversarial, _ = cw_l2(model, inputs, labels, eps=params["eps"], steps=params["steps"], confidence=confidence,
-                               targeted=targeted, binary_search_steps=params["binary_search_steps"],
-                               initial_const=params["initial_const"], lr=params["lr"],
-                               abort_early=params["abort_early"], stop_on_success=params["stop_on_success"])
-        return adversarial
+        return attack_l2(model, inputs, labels, params)
 
     def loss(logits, targets, clean_logits):  # pgd ascends it, or descends it when targeted
         value = cw_objective(logits, targets, targeted, confidence)
@@ -222,6 +241,25 @@ def generate_perturbation(model, inputs, labels, params, ctx):
     return pgd(model, inputs, labels, eps=params["eps"], alpha=step_size(params), steps=params["steps"],
                norm=params["norm"], random_start=params["random_start"], loss=loss, targeted=targeted,
                restarts=params["restarts"], stop_on_success=params["stop_on_success"], generator=ctx.generator)
+
+
+def distance_metrics(model, dataset, ctx, settings: dict, prefix: str) -> dict[str, float]:
+    """Uncapped, untargeted CW-L2 with ``settings`` on every correctly classified example of ``dataset``:
+    success rate, median and mean distance of the successes, examples attacked (keys ``prefix/...``)."""
+    l2 = {key: settings[key] for key in L2_KEYS if key not in ("targeted", "stop_on_success")}
+    distances = []
+    for inputs, labels in dataset.batches(ctx.config["eval"]["batch_size"], ctx.device):
+        with torch.no_grad():
+            right = model(inputs).argmax(1) == labels
+        _, distance = cw_l2(model, inputs[right], labels[right], eps=float("inf"), **l2)
+        distances.append(distance.cpu())
+    distance = torch.cat(distances)
+    found = distance[torch.isfinite(distance)]
+    nan = float("nan")
+    return {f"{prefix}/success_rate": float(torch.isfinite(distance).float().mean()) if len(distance) else nan,
+            f"{prefix}/median_distance": float(found.median()) if len(found) else nan,
+            f"{prefix}/mean_distance": float(found.mean()) if len(found) else nan,
+            f"{prefix}/attacked_examples": float(len(distance))}
 
 
 @hookimpl
@@ -234,19 +272,4 @@ def evaluate(model, dataset, ctx):
         return {}
     settings = {**ctx.settings, "norm": "l2"}
     check(settings)
-    distances = []
-    for inputs, labels in dataset.batches(ctx.config["eval"]["batch_size"], ctx.device):
-        with torch.no_grad():
-            right = model(inputs).argmax(1) == labels
-        _, distance = cw_l2(model, inputs[right], labels[right], eps=float("inf"), steps=settings["steps"],
-                            confidence=settings["confidence"], binary_search_steps=settings["binary_search_steps"],
-                            initial_const=settings["initial_const"], lr=settings["lr"],
-                            abort_early=settings["abort_early"])
-        distances.append(distance.cpu())
-    distance = torch.cat(distances)
-    found = distance[torch.isfinite(distance)]
-    nan = float("nan")
-    return {"cw_l2/success_rate": float(torch.isfinite(distance).float().mean()) if len(distance) else nan,
-            "cw_l2/median_distance": float(found.median()) if len(found) else nan,
-            "cw_l2/mean_distance": float(found.mean()) if len(found) else nan,
-            "cw_l2/attacked_examples": float(len(distance))}
+    return distance_metrics(model, dataset, ctx, settings, "cw_l2")

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,7 @@ def load_surrogate(ctx, path: str | None, dataset) -> nn.Module | None:
     """The surrogate run's model (eval mode, frozen), checked to take the evaluated inputs and classes."""
     if not path:
         return None
-    surrogate = load_trained_model(ctx.host, path, ctx.device).to(ctx.device)
+    surrogate = load_trained_model(ctx.host, Path(path).expanduser(), ctx.device).to(ctx.device)
     for parameter in surrogate.parameters():
         parameter.requires_grad_(False)
     inputs, _ = dataset.batch(torch.arange(1), ctx.device)

@@ -1,8 +1,10 @@
 import advframe_cw
+import advframe_cw_paper
 import pytest
 import torch
 
 from advframe import PluginError
+from advframe.config import resolve
 from advframe.losses import margin
 from advframe.runner import Run
 from advframe.testing import assert_conforms, make_host, tiny_config
@@ -26,10 +28,32 @@ def test_contract_cw_l2(tmp_path):
                                                             "plugins.cw.binary_search_steps=3"])
 
 
+def test_contract_cw_paper(tmp_path):
+    assert_conforms(advframe_cw_paper, "cw-paper", tmp_path,
+                    overrides=["attack.norm=l2", "attack.eps=1.0", "plugins.cw-paper.steps=10",
+                               "plugins.cw-paper.binary_search_steps=2"])
+
+
+def test_the_paper_setting_is_the_papers_optimiser_and_labels_show_every_budget():
+    host = make_host((advframe_cw, "cw"), (advframe_cw_paper, "cw-paper"))
+    entries = [{"name": "cw-paper"}, {"name": "cw"}, {"name": "cw", "steps": 10000, "lr": 0.01},
+               {"name": "cw", "norm": "linf", "eps": 0.3, "steps": 20}]
+    config = resolve(host, {"attack": {"name": "cw", "norm": "l2", "eps": 1.0}, "eval": {"attacks": entries}})
+    paper, capped, long, inf = config["eval"]["attacks"]
+    # Carlini & Wagner's l2_attack.py: MAX_ITERATIONS, LEARNING_RATE, BINARY_SEARCH_STEPS, INITIAL_CONST, ...
+    assert {key: paper[key] for key in ("steps", "lr", "binary_search_steps", "initial_const", "abort_early",
+                                        "confidence", "targeted")} == \
+        {"steps": 10000, "lr": 0.01, "binary_search_steps": 9, "initial_const": 0.001, "abort_early": True,
+         "confidence": 0.0, "targeted": False}
+    assert (capped["steps"], capped["lr"]) == (100, 0.1)  # the capped default is not the paper's
+    assert [e["label"] for e in (paper, capped, long, inf)] == \
+        ["cw-paper-l2-1-10000", "cw-l2-1-100", "cw-l2-1-10000", "cw-linf-0.3-20"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A natural model trained on digits for a few epochs through the real runner."""
-    host = make_host((advframe_cw, "cw"))
+    host = make_host((advframe_cw, "cw"), (advframe_cw_paper, "cw-paper"))
     config = tiny_config(host, "erm", ["data.train_size=1000", "data.test_size=200", "train.epochs=6",
                                        "train.lr=0.003", "train.monitor_examples=0", "attack.name=cw",
                                        "eval.attacks=[{name: cw}]"])
@@ -150,3 +174,32 @@ def test_evaluate_reports_the_uncapped_perturbation_sizes(trained, monkeypatch):
                          **{k: v for k, v in L2.items() if k != "norm"})
     survived = (predict(trained.model, adversarial).argmax(1) == labels[right]).float().mean()
     assert 0.3 < survived < 0.7
+
+
+def test_cw_paper_is_cw_l2_with_the_papers_defaults(trained):
+    inputs, labels = batch(trained, 20)
+    short = {"steps": 20, "binary_search_steps": 3}  # the paper's 10,000 steps take minutes
+    paper = trained.ctx.attack(trained.model, inputs, labels,
+                               trained.ctx.attack_settings("cw-paper", norm="l2", eps=1.0, **short))
+    same = attack(trained, inputs, labels, norm="l2", eps=1.0, lr=0.01, **short)
+    faster = attack(trained, inputs, labels, norm="l2", eps=1.0, lr=0.1, **short)
+    assert torch.equal(paper, same)
+    assert not torch.equal(paper, faster)
+
+
+def test_cw_paper_takes_only_the_l2_norm(trained):
+    inputs, labels = batch(trained, 4)
+    with pytest.raises(PluginError, match="norm: l2"):
+        trained.ctx.attack(trained.model, inputs, labels, trained.ctx.attack_settings("cw-paper", norm="linf"))
+
+
+def test_cw_paper_evaluator_reports_cws_distances_with_the_papers_settings(trained, monkeypatch):
+    short = {"steps": 30, "binary_search_steps": 3}
+    monkeypatch.setitem(trained.config["plugins"], "cw-paper", {**advframe_cw_paper.DEFAULTS, **short})
+    monkeypatch.setitem(trained.config["plugins"], "cw", {**trained.config["plugins"]["cw"], **short, "lr": 0.01})
+    monkeypatch.setitem(trained.config["eval"], "evaluators", ["cw", "cw-paper"])
+    dataset = trained.splits.test.subset(torch.arange(40))
+    paper = trained.ctx.call("evaluate", "cw-paper", model=trained.model, dataset=dataset)
+    cw = trained.ctx.call("evaluate", "cw", model=trained.model, dataset=dataset)
+    assert paper == {key.replace("cw_l2/", "cw_paper_l2/"): value for key, value in cw.items()}
+    assert paper["cw_paper_l2/attacked_examples"] > 30
