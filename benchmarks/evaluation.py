@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import statistics
 import sys
 import time
@@ -114,6 +115,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, required=True, help="folder of trained runs (<method>/seed-<s>)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST .. FIRST+SEEDS-1 (split a run in parts)")
+    parser.add_argument("--raw", type=Path, help="also append every measurement to this JSON-lines file")
+    parser.add_argument("--table-from", type=Path, nargs="+", metavar="RAW",
+                        help="print the table of earlier --raw files (several parts of one benchmark) and stop")
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--reference", type=Path, default=Path("../shared/reference/auto-attack"),
@@ -122,6 +127,13 @@ def main(argv=None) -> None:
     parser.add_argument("--wait", action="store_true",
                         help="wait for another process (advframe bench --out RUNS) to finish each run instead of training it")
     args = parser.parse_args(argv)
+    if args.table_from:
+        results: dict[str, dict[str, list[dict]]] = {}
+        rows = [json.loads(line) for path in args.table_from for line in path.read_text().splitlines()]
+        for row in sorted(rows, key=lambda r: r["seed"]):  # seeds in order: deltas pair runs of one model
+            results.setdefault(row["method"], {}).setdefault(row["evaluator"], []).append(row)
+        print(table(results, args, len({r["seed"] for rows in results.values() for r in rows["clean"]})))
+        return
     if args.seeds < 1 or args.examples < 1:
         parser.error("--seeds and --examples must be >= 1")
     torch.set_num_threads(1)
@@ -138,7 +150,7 @@ def main(argv=None) -> None:
     host = make_plugin_host()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     results: dict[str, dict[str, list[dict]]] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for method in methods:
             run_dir = trained_run(host, args.runs, method, seed, args.wait)
             rows = results.setdefault(method, {})
@@ -163,9 +175,13 @@ def main(argv=None) -> None:
             ported = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=seed)
             rows.setdefault("torchattacks AutoAttack", []).append(measure(model, lambda: checked_accuracy(
                 model, ported, inputs, labels, eps, args.batch_size)))
+            if args.raw:
+                with args.raw.open("a") as raw:
+                    for name in ("clean", *EVALUATORS):
+                        raw.write(json.dumps({"seed": seed, "method": method, "evaluator": name, **rows[name][-1]}) + "\n")
             line = ", ".join(f"{name} {100 * rows[name][-1]['robust']:.1f}" for name in ("clean", *EVALUATORS))
             print(f"seed {seed} {method}: {line}", flush=True)
-        print(table(results, args, seed + 1), flush=True)  # after every seed: a stopped benchmark still reports
+        print(table(results, args, seed + 1 - args.first_seed), flush=True)  # a stopped benchmark still reports
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
