@@ -252,3 +252,68 @@ def test_trades_base_loss_uses_the_kl_attack_and_the_clean_term(tmp_path):
         expected = F.cross_entropy(clean, labels) + 2.0 * F.kl_div(
             F.log_softmax(net(own[0]), 1), F.softmax(clean, 1), reduction="batchmean")
         torch.testing.assert_close(loss, expected)
+
+
+def batch_norms(net):
+    return [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def test_teacher_soft_labels_come_from_eval_mode_passes_that_leave_batchnorm_alone(tmp_path):
+    _, run = start(tmp_path, ["plugins.mat.alpha=0.5", "plugins.mat.temperature=2.0"])
+    inputs, labels = one_batch(run)
+    nets = members(run)
+    assert all(batch_norms(net) for net in nets), "the test needs models with BatchNorm"
+    adversarial = [[run.ctx.attack(net, inputs, labels)] for net in nets]
+    for net in nets:
+        net.train()
+    def copy(net, train):  # the state every pass of this step starts from
+        twin = run.ctx.build_model()
+        twin.load_state_dict(net.state_dict())
+        return twin.train(train)
+
+    before = [copy(net, True) for net in nets]
+    settings = dict(run.config["plugins"]["mat"])
+    losses, _ = advframe_mat.mutual_losses(nets, inputs, labels, adversarial, settings)
+
+    # expected: soft labels of the teacher in eval mode (running statistics), the student in train mode
+    x0, x1 = adversarial[0][0], adversarial[1][0]
+    students = [copy(net, True) for net in before]
+    with torch.no_grad():
+        soft = [[copy(net, False)(x) for x in (x0, x1)] for net in before]
+    for i, j in ((0, 1), (1, 0)):
+        own, peer = students[i](adversarial[i][0]), students[i](adversarial[j][0])
+        logits = {i: own, j: peer}
+        mutual = sum(advframe_mat.softened_kl(logits[k], soft[j][k], 2.0) for k in (0, 1))
+        expected = 0.5 * F.cross_entropy(own, labels) + 0.5 * mutual
+        torch.testing.assert_close(losses[i], expected)
+    # the teacher passes moved no running statistic: each model's statistics moved exactly as its two
+    # train-mode passes as a student (its own examples, then the peer's) move them
+    for net, student in zip(nets, students):
+        assert net.training
+        for ours, theirs in zip(batch_norms(net), batch_norms(student)):
+            torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+            torch.testing.assert_close(ours.running_var, theirs.running_var)
+            assert ours.num_batches_tracked == theirs.num_batches_tracked
+
+
+def test_a_teacher_pass_leaves_the_model_as_it_found_it(tmp_path):
+    _, run = start(tmp_path)
+    inputs, _ = one_batch(run)
+    net = members(run)[1]
+    net.train()
+    statistics = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in batch_norms(net)]
+    soft = advframe_mat.teacher_predictions(net, inputs)
+    assert not soft.requires_grad and net.training and all(m.training for m in net.modules())
+    for bn, (mean, var) in zip(batch_norms(net), statistics):
+        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(soft, net(inputs))
+
+
+def test_the_default_trains(tmp_path):
+    """Both models at the shipped defaults end far above chance (10 classes) on clean digits."""
+    results = tiny_run(advframe_mat, "mat", tmp_path / "run",
+                       ["data.train_size=600", "data.test_size=200", "train.epochs=4", "plugins.mat.agreement=false"])
+    metrics = results["metrics"]
+    assert metrics["model0/clean_accuracy"] > 0.5 and metrics["model1/clean_accuracy"] > 0.5, metrics
