@@ -12,7 +12,7 @@ the image) and a perturbation, so G gives a *distribution* of perturbations for 
 1. pre-training by maximum likelihood: G's flow fits ``p(delta / eps | x)`` to the surrogate's
    transfer perturbations, DI-MI-FGSM (momentum I-FGSM, ``transfer_steps`` steps of eps/steps, with
    input diversity: shrink and pad back with probability ``diversity``; ``diversity: 0`` is plain
-   MI-FGSM), plus Gaussian dequantisation noise ``dequantize`` (the targets sit on the +-1 corners);
+   MI-FGSM; ``translation`` > 0 adds TI's Gaussian smoothing of the gradient), plus Gaussian dequantisation noise ``dequantize`` (the targets sit on the +-1 corners);
    a sampled perturbation is ``eps * clip(G(x, z), -1, 1)``, also kept in [0, 1] for ``x + delta``;
 2. meta-training (Reptile, model-level transferability): per task (a batch of images, z sampled from
    the prior) ``inner_steps`` Adam steps on the surrogate margin
@@ -54,6 +54,7 @@ Settings (``plugins.mcg`` or per use in ``eval.attacks``), with defaults::
     transfer_steps: 10       # DI-MI-FGSM iterations on the surrogate (official family: 30 on ImageNet)
     momentum: 1.0            # MI-FGSM decay factor mu
     diversity: 0.5           # DI probability of the shrink-and-pad input transform (0: plain MI-FGSM)
+    translation: 0           # TI: odd side of the Gaussian kernel smoothing the gradient (0: off)
     pretrain_epochs: 10      # maximum-likelihood epochs on the transfer perturbations
     pretrain_lr: 0.001
     dequantize: 0.1          # std of the Gaussian noise added to the +-1 targets while fitting
@@ -117,7 +118,7 @@ from advframe.models import eval_mode
 DEFAULTS = {
     "surrogate": None, "attack": "square", "budget": 1000, "targeted": False, "kappa": 5.0,
     "transforms": 3, "hidden": 128, "context": 32, "width": 16, "meta_examples": 1000, "transfer_steps": 10,
-    "momentum": 1.0, "diversity": 0.5, "pretrain_epochs": 10, "pretrain_lr": 0.001, "dequantize": 0.1,
+    "momentum": 1.0, "diversity": 0.5, "translation": 0, "pretrain_epochs": 10, "pretrain_lr": 0.001, "dequantize": 0.1,
     "meta_tasks": 300, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.0004, "meta_lr": 0.1,
     "meta_train": True, "meta_seed": 0, "samples": 8, "temperature": 1.0, "finetune": True,
     "finetune_steps": 2, "finetune_lr": 0.001, "interpolation": 0.2, "grad_clip": 5.0, "latent_steps": 0,
@@ -126,7 +127,7 @@ DEFAULTS = {
     "carry_over": False,
 }
 GENERATOR_KEYS = ("transforms", "hidden", "context", "width", "meta_examples", "transfer_steps", "momentum",
-                  "diversity", "pretrain_epochs", "pretrain_lr", "dequantize", "meta_tasks", "meta_batch",
+                  "diversity", "translation", "pretrain_epochs", "pretrain_lr", "dequantize", "meta_tasks", "meta_batch",
                   "inner_steps", "inner_lr", "meta_lr", "meta_train", "meta_seed", "kappa", "targeted",
                   "temperature")
 PROBABILITY_ATTACKS = {"simba"}  # attacks that read probabilities from the counter they are given
@@ -224,16 +225,29 @@ def diverse(inputs: torch.Tensor, probability: float, generator) -> torch.Tensor
     return F.pad(shrunk, (left, side - small - left, top, side - small - top))
 
 
+def smooth(gradient: torch.Tensor, size: int) -> torch.Tensor:
+    """TI: each channel of ``gradient`` convolved with a normalised Gaussian kernel of odd side
+    ``size`` (std size / 4)."""
+    offsets = torch.arange(size, dtype=gradient.dtype, device=gradient.device) - (size - 1) / 2
+    weights = torch.exp(-offsets ** 2 / (2 * (size / 4) ** 2))
+    kernel = torch.outer(weights, weights) / weights.sum() ** 2
+    channels = gradient.shape[1]
+    return F.conv2d(gradient, kernel.expand(channels, 1, size, size), padding=size // 2, groups=channels)
+
+
 def transfer_perturbations(surrogate: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
-                           momentum: float, diversity: float, targeted: bool, generator) -> torch.Tensor:
-    """DI-MI-FGSM on the surrogate: ``steps`` sign steps of eps/steps along the momentum of the
-    L1-normalised cross-entropy gradients taken at diverse inputs; the perturbation (in the eps ball
-    and [0, 1])."""
+                           momentum: float, diversity: float, targeted: bool, generator,
+                           translation: int = 0) -> torch.Tensor:
+    """DI-MI-FGSM (TI-DI-MI-FGSM with ``translation`` > 0) on the surrogate: ``steps`` sign steps of
+    eps/steps along the momentum of the L1-normalised cross-entropy gradients taken at diverse inputs;
+    the perturbation (in the eps ball and [0, 1])."""
     delta, velocity = torch.zeros_like(x), torch.zeros_like(x)
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = F.cross_entropy(surrogate(diverse(x + delta, diversity, generator)), y)
         gradient, = torch.autograd.grad(loss, delta)
+        if translation:
+            gradient = smooth(gradient, translation)
         velocity = momentum * velocity + gradient / gradient.abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, 1, 1, 1)
         step = eps / steps * velocity.sign() * (-1 if targeted else 1)
         delta = project(delta.detach() + step, x, eps, "linf")
@@ -311,7 +325,8 @@ def train_generator(surrogate: nn.Module, inputs: torch.Tensor, labels: torch.Te
     with eval_mode(surrogate):
         units = transfer_perturbations(surrogate, x, y, eps=eps, steps=settings["transfer_steps"],
                                        momentum=settings["momentum"], diversity=settings["diversity"],
-                                       targeted=targeted, generator=generator) / eps
+                                       targeted=targeted, generator=generator,
+                                       translation=settings["translation"]) / eps
         flow.log_likelihoods = fit_likelihood(flow, x, units, epochs=settings["pretrain_epochs"],
                                               lr=settings["pretrain_lr"], noise=settings["dequantize"],
                                               generator=generator)
@@ -562,6 +577,8 @@ def check_settings(params: dict, ctx) -> None:
         raise PluginError("mcg: interpolation must be in [0, 1] and meta_lr in (0, 1]")
     if not 0 <= params["diversity"] <= 1:
         raise PluginError(f"mcg: diversity is a probability, got {params['diversity']}")
+    if params["translation"] < 0 or (params["translation"] and params["translation"] % 2 == 0):
+        raise PluginError(f"mcg: translation is an odd kernel side or 0 (off), got {params['translation']}")
     if params["temperature"] <= 0 or params["cma_sigma"] <= 0:
         raise PluginError("mcg: temperature and cma_sigma must be > 0")
     if params["attack"] in OWN_MODES:

@@ -218,11 +218,15 @@ def test_success_counts_only_points_the_attack_returns(models, tmp_path):
     assert not result.success.any(), "a rejected probe was counted as a success"
 
 
+def load_surrogate(surrogate_dir):
+    """The surrogate model and its training split, as MCG loads them (only ``ctx.host`` is read)."""
+    ctx = type("Ctx", (), {"host": make_host((advframe_mcg, "mcg"))})()
+    return advframe_mcg.load_surrogate(ctx, str(surrogate_dir), torch.device("cpu"))
+
+
 def test_flow_likelihood_of_its_training_perturbations_rises(models):
     _, surrogate_dir = models
-    host = make_host((advframe_mcg, "mcg"))
-    ctx = type("Ctx", (), {"host": host})()
-    surrogate, inputs, labels = advframe_mcg.load_surrogate(ctx, str(surrogate_dir), torch.device("cpu"))
+    surrogate, inputs, labels = load_surrogate(surrogate_dir)
     generator = torch.Generator().manual_seed(0)
     x, y = inputs[:64], labels[:64]
     units = advframe_mcg.transfer_perturbations(surrogate, x, y, eps=EPS, steps=5, momentum=1.0, diversity=0.5,
@@ -273,3 +277,14 @@ def test_latent_search_spends_its_budget_on_cma_candidates(models, tmp_path):
     with torch.no_grad():
         assert torch.equal(result.success & counted, misclassified(model(result.adversarial), labels) & counted)
     assert (result.adversarial - inputs).abs().max() <= EPS + 1e-6
+
+
+def test_translation_invariant_gradients_change_the_transfer_perturbations(models):
+    _, surrogate_dir = models
+    surrogate, inputs, labels = load_surrogate(surrogate_dir)
+    x, y = inputs[:16], labels[:16]
+    runs = [advframe_mcg.transfer_perturbations(surrogate, x, y, eps=EPS, steps=4, momentum=1.0, diversity=0.0,
+                                                targeted=False, generator=None, translation=size) for size in (0, 3)]
+    assert not torch.equal(runs[0], runs[1])
+    for delta in runs:
+        assert delta.abs().max() <= EPS + 1e-6 and (x + delta).min() >= 0 and (x + delta).max() <= 1
