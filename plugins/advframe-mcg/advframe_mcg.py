@@ -6,7 +6,8 @@ MCG treats attacking each benign image as one task and learns, on a white-box su
 conditional generator G(x, z) whose perturbations for a new image are good *starting points* for
 query-based attacks. G is a conditional normalising flow (the paper's c-Glow; here ``zuko``'s
 RealNVP affine-coupling flow over the flattened perturbation, conditioned on a small conv feature
-extractor of the clean image): an invertible map between a Gaussian latent z (as many dimensions as
+extractor of the clean image, followed by an element-wise affine layer whose shift and scale a
+fully convolutional network computes from the image): an invertible map between a Gaussian latent z (as many dimensions as
 the image) and a perturbation, so G gives a *distribution* of perturbations for each image.
 
 1. pre-training by maximum likelihood: G's flow fits ``p(delta / eps | x)`` to the surrogate's
@@ -55,8 +56,8 @@ Settings (``plugins.mcg`` or per use in ``eval.attacks``), with defaults::
     momentum: 1.0            # MI-FGSM decay factor mu
     diversity: 0.5           # DI probability of the shrink-and-pad input transform (0: plain MI-FGSM)
     translation: 0           # TI: odd side of the Gaussian kernel smoothing the gradient (0: off)
-    pretrain_epochs: 10      # maximum-likelihood epochs on the transfer perturbations
-    pretrain_lr: 0.001
+    pretrain_epochs: 20      # maximum-likelihood epochs on the transfer perturbations
+    pretrain_lr: 0.003
     dequantize: 0.1          # std of the Gaussian noise added to the +-1 targets while fitting
     meta_tasks: 300          # Reptile tasks (official: 5 epochs over ImageNet)
     meta_batch: 16           # images per task (official 16)
@@ -118,7 +119,7 @@ from advframe.models import eval_mode
 DEFAULTS = {
     "surrogate": None, "attack": "square", "budget": 1000, "targeted": False, "kappa": 5.0,
     "transforms": 3, "hidden": 128, "context": 32, "width": 16, "meta_examples": 1000, "transfer_steps": 10,
-    "momentum": 1.0, "diversity": 0.5, "translation": 0, "pretrain_epochs": 10, "pretrain_lr": 0.001, "dequantize": 0.1,
+    "momentum": 1.0, "diversity": 0.5, "translation": 0, "pretrain_epochs": 20, "pretrain_lr": 0.003, "dequantize": 0.1,
     "meta_tasks": 300, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.0004, "meta_lr": 0.1,
     "meta_train": True, "meta_seed": 0, "samples": 8, "temperature": 1.0, "finetune": True,
     "finetune_steps": 2, "finetune_lr": 0.001, "interpolation": 0.2, "grad_clip": 5.0, "latent_steps": 0,
@@ -143,32 +144,56 @@ def default_config():
 
 class ConditionalFlow(nn.Module):
     """G: a conditional normalising flow over the flattened perturbation in units of eps,
-    ``p(delta / eps | x)``. The condition is a small conv feature extractor of the clean image; the
-    flow is ``zuko``'s RealNVP (affine couplings with alternating masks, each coupling network fed
-    the features). ``decode`` maps a latent z (one per image, the image's size) to a perturbation."""
+    ``p(delta / eps | x)``. Generative direction: ``u = T^-1(z; c(x))`` with ``T`` ``zuko``'s RealNVP
+    (affine couplings with alternating masks, each coupling network fed a feature vector ``c(x)`` of
+    the clean image), then a conditional element-wise affine layer ``delta / eps = m(x) + s(x) * u``
+    whose shift and log-scale come from a fully convolutional network of the image (c-Glow's
+    image-conditioned affine layers, at full resolution). ``decode`` maps a latent z (one per image,
+    the image's size) to a perturbation; ``log_prob`` is the exact density by the change of variables."""
 
     def __init__(self, shape: tuple[int, ...], *, transforms: int = 3, hidden: int = 128, context: int = 32,
                  width: int = 16):
         super().__init__()
         self.shape = tuple(shape)
         self.features = math.prod(self.shape)
+        channels = self.shape[0]
         self.encoder = nn.Sequential(
-            nn.Conv2d(self.shape[0], width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * width, context))
+        self.affine = nn.Sequential(
+            nn.Conv2d(channels, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=4, dilation=4), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * channels, 3, padding=1))
         self.flow = zuko.flows.RealNVP(self.features, context, transforms=transforms,
                                        hidden_features=(hidden, hidden))
 
+    def shift_scale(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The element-wise layer's shift and log-scale (kept in (-3, 3)), flattened like the perturbation."""
+        shift, log_scale = self.affine(inputs * 2 - 1).chunk(2, 1)
+        return shift.flatten(1), 3 * torch.tanh(log_scale.flatten(1) / 3)
+
     def distribution(self, inputs: torch.Tensor):
+        """The RealNVP part's distribution of ``u`` given the images."""
         return self.flow(self.encoder(inputs * 2 - 1))
 
     def log_prob(self, units: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Log-density (nats per dimension) of perturbations ``units`` (in units of eps) given the images."""
-        return self.distribution(inputs).log_prob(units.flatten(1)) / self.features
+        shift, log_scale = self.shift_scale(inputs)
+        inner = (units.flatten(1) - shift) * torch.exp(-log_scale)
+        return (self.distribution(inputs).log_prob(inner) - log_scale.sum(1)) / self.features
 
     def decode(self, inputs: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """The perturbation (in units of eps, unclipped) that latent rows ``latent`` map to."""
-        return self.distribution(inputs).transform.inv(latent).view(-1, *self.shape)
+        shift, log_scale = self.shift_scale(inputs)
+        inner = self.distribution(inputs).transform.inv(latent)
+        return (shift + torch.exp(log_scale) * inner).view(-1, *self.shape)
+
+    def encode(self, inputs: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """The latent of perturbations ``units`` (the inverse of ``decode``)."""
+        shift, log_scale = self.shift_scale(inputs)
+        return self.distribution(inputs).transform((units.flatten(1) - shift) * torch.exp(-log_scale))
 
 
 def perturbation(flow: ConditionalFlow, inputs: torch.Tensor, latent: torch.Tensor, eps: float) -> torch.Tensor:

@@ -257,7 +257,7 @@ def test_samples_differ_by_latent_and_stay_in_the_ball(models, tmp_path):
     assert (distinct > 1e-3).all(), "different latents gave the same perturbation"
     with torch.no_grad():  # the flow is invertible: encoding a decoded perturbation gives its latent back
         units = meta.decode(x, latents)
-        again = meta.distribution(x).transform(units.flatten(1))
+        again = meta.encode(x, units)
     assert torch.allclose(again, latents, atol=1e-3)
 
 
@@ -288,3 +288,18 @@ def test_translation_invariant_gradients_change_the_transfer_perturbations(model
     assert not torch.equal(runs[0], runs[1])
     for delta in runs:
         assert delta.abs().max() <= EPS + 1e-6 and (x + delta).min() >= 0 and (x + delta).max() <= 1
+
+
+def test_flow_samples_attack_the_surrogate_better_than_random_signs(models, tmp_path):
+    target, surrogate_dir = models
+    ctx, model, inputs, labels, params = setup_attack(target, surrogate_dir, tmp_path, meta_examples=400,
+                                                      pretrain_epochs=20, pretrain_lr=0.003)
+    meta, surrogate, _ = advframe_mcg.meta_generator(ctx, params, inputs.device)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(len(inputs), meta.features, generator=generator)
+    noise = EPS * torch.randn(inputs.shape, generator=generator).sign()
+    with torch.no_grad():
+        flow = advframe_mcg.surrogate_margin(surrogate, inputs + advframe_mcg.perturbation(meta, inputs, latents, EPS),
+                                             labels, 5.0, False)
+        random = advframe_mcg.surrogate_margin(surrogate, inputs + project(noise, inputs, EPS), labels, 5.0, False)
+    assert flow.mean() < random.mean() - 0.2, (flow.mean(), random.mean())
