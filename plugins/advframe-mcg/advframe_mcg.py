@@ -7,13 +7,15 @@ conditional generator G(x, z) whose perturbations for a new image are good *star
 query-based attacks. G is a conditional normalising flow (the paper's c-Glow; here ``zuko``'s
 RealNVP affine-coupling flow over the flattened perturbation, conditioned on a small conv feature
 extractor of the clean image, followed by an element-wise affine layer whose shift and scale a
-fully convolutional network computes from the image): an invertible map between a Gaussian latent z (as many dimensions as
-the image) and a perturbation, so G gives a *distribution* of perturbations for each image.
+fully convolutional network computes from the image): an invertible map between a Gaussian
+latent z (as many dimensions as the image) and a perturbation, so G gives a *distribution* of
+perturbations for each image.
 
 1. pre-training by maximum likelihood: G's flow fits ``p(delta / eps | x)`` to the surrogate's
    transfer perturbations, DI-MI-FGSM (momentum I-FGSM, ``transfer_steps`` steps of eps/steps, with
    input diversity: shrink and pad back with probability ``diversity``; ``diversity: 0`` is plain
-   MI-FGSM; ``translation`` > 0 adds TI's Gaussian smoothing of the gradient), plus Gaussian dequantisation noise ``dequantize`` (the targets sit on the +-1 corners);
+   MI-FGSM; ``translation`` > 0 adds TI's Gaussian smoothing of the gradient), plus Gaussian
+   dequantisation noise ``dequantize`` (the targets sit on the +-1 corners);
    a sampled perturbation is ``eps * clip(G(x, z), -1, 1)``, also kept in [0, 1] for ``x + delta``;
 2. meta-training (Reptile, model-level transferability): per task (a batch of images, z sampled from
    the prior) ``inner_steps`` Adam steps on the surrogate margin
@@ -119,8 +121,8 @@ from advframe.models import eval_mode
 DEFAULTS = {
     "surrogate": None, "attack": "square", "budget": 1000, "targeted": False, "kappa": 5.0,
     "transforms": 3, "hidden": 128, "context": 32, "width": 16, "meta_examples": 1000, "transfer_steps": 10,
-    "momentum": 1.0, "diversity": 0.5, "translation": 0, "pretrain_epochs": 20, "pretrain_lr": 0.003, "dequantize": 0.1,
-    "meta_tasks": 300, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.0004, "meta_lr": 0.1,
+    "momentum": 1.0, "diversity": 0.5, "translation": 0, "pretrain_epochs": 20, "pretrain_lr": 0.003,
+    "dequantize": 0.1, "meta_tasks": 300, "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.0004, "meta_lr": 0.1,
     "meta_train": True, "meta_seed": 0, "samples": 8, "temperature": 1.0, "finetune": True,
     "finetune_steps": 2, "finetune_lr": 0.001, "interpolation": 0.2, "grad_clip": 5.0, "latent_steps": 0,
     "cma_popsize": 20, "cma_sigma": 1.0, "adapt_surrogate": True, "surrogate_lr": 0.0001,
@@ -128,8 +130,8 @@ DEFAULTS = {
     "carry_over": False,
 }
 GENERATOR_KEYS = ("transforms", "hidden", "context", "width", "meta_examples", "transfer_steps", "momentum",
-                  "diversity", "translation", "pretrain_epochs", "pretrain_lr", "dequantize", "meta_tasks", "meta_batch",
-                  "inner_steps", "inner_lr", "meta_lr", "meta_train", "meta_seed", "kappa", "targeted",
+                  "diversity", "translation", "pretrain_epochs", "pretrain_lr", "dequantize", "meta_tasks",
+                  "meta_batch", "inner_steps", "inner_lr", "meta_lr", "meta_train", "meta_seed", "kappa", "targeted",
                   "temperature")
 PROBABILITY_ATTACKS = {"simba"}  # attacks that read probabilities from the counter they are given
 OWN_MODES = ("none", "latent")  # values of ``attack`` that are not another plugin
