@@ -20,7 +20,8 @@ Per seed, on the embedded MNIST subset (core defaults: 4,000 train / 1,000 test,
 Reported per target and variant (mean ± std over seeds): success rate over the attacked examples, mean
 and median queries over the successful ones (clean query included), first-query success (success with
 exactly 2 queries: G's perturbation for MCG, the attack's own start otherwise) and process seconds of
-the attack. MCG's one-off flow training is timed apart. The per-example records come from the
+the attack. MCG's one-off flow training is timed apart. ``--set KEY=VALUE`` applies to the training
+runs and the attacks alike (``plugins.mcg.*``, ``plugins.square.*``, or ``data.*`` for another data set). The per-example records come from the
 attacks' own ``ctx.record_queries`` calls (``benchmarks/query_efficiency.py``'s ``attack``).
 """
 
@@ -47,11 +48,11 @@ ATTACKS = ("square", "nes", "bandits", "simba")
 TARGETS = {"plain": "erm", "robust": "pgd-at"}
 
 
-def train(host, out: Path, model: dict, half: int, seed: int, epochs: int, method: str) -> Path:
+def train(host, out: Path, model: dict, half: int, seed: int, epochs: int, method: str, overrides=()) -> Path:
     """A finished run directory: ``model`` trained with ``method`` on one half of the training split."""
     if not (out / "results.json").is_file():
         user = {"seed": seed, "model": model, "train": {"method": method, "epochs": epochs}, "eval": {"attacks": []}}
-        run = Run.start(host, config_module.resolve(host, user, ["train.monitor_examples=0"]), out)
+        run = Run.start(host, config_module.resolve(host, user, ["train.monitor_examples=0", *overrides]), out)
         run.splits.train = run.splits.train.subset(torch.arange(half, len(run.splits.train), 2))
         run.execute()
     return out
@@ -71,10 +72,10 @@ def one_seed(args, seed: int, results: dict) -> None:
     host = make_plugin_host()
     folder = args.out / f"seed-{seed}"
     surrogate_dir = train(host, folder / "surrogate", {"name": "mlp", "args": {"hidden": [512, 256]}}, 1, seed,
-                          args.epochs, "erm")
+                          args.epochs, "erm", args.overrides)
     for target, method in TARGETS.items():
         started = time.process_time()
-        target_dir = train(host, folder / target, {"name": "small-cnn"}, 0, seed, args.epochs, method)
+        target_dir = train(host, folder / target, {"name": "small-cnn"}, 0, seed, args.epochs, method, args.overrides)
         print(f"seed {seed} {target}: trained in {time.process_time() - started:.0f} process s", flush=True)
         user = config_module.load_file(target_dir / "config.yaml")
         user["eval"]["attacks"] = []
