@@ -20,8 +20,8 @@ pins the ingredients (models trained together, distillation between them, each l
 others' adversarial examples, specialists and a generalist); its equations could not be read and no
 code is public, so the form of L_i, alpha, T and the weighting of the two KL terms are a
 reconstruction, and settings. With ``alpha: 0`` no peer term is computed and MAT is exactly N
-independent PGD-AT runs. The default alpha = 0.2 trains stably at the core defaults (3 seeds,
-README.md); alpha = 0.5, the old default, held the models back and collapsed one seed.
+independent PGD-AT runs. The default alpha = 0.2 trains at the core defaults (3 seeds, clean
+accuracy; README.md); alpha = 0.5, the old default, held the models back and collapsed one seed.
 
 Multi-perturbation MAT: ``norms: [linf, l2, l1]`` with ``norm_eps: [0.2, 2.0, 12.0]`` makes model i a
 specialist attacked under ``norms[i]`` (steps from the ``attack`` section; step size 2.5 eps / steps
