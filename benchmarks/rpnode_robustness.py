@@ -135,9 +135,10 @@ def parse_variant(label: str) -> tuple[str, dict]:
 
 def run_config(host, label: str, seed: int, args) -> dict:
     method, settings = parse_variant(label)
-    attacks = [{"name": "fgsm", "stop_on_success": False},
-               {"name": "pgd", "steps": 10, "restarts": 1, "stop_on_success": False},
-               {"name": "dense-square", "budget": args.square_queries}]
+    # labels of their own, so the metric names below do not depend on eps or the core's label format
+    attacks = [{"name": "fgsm", "stop_on_success": False, "label": "fgsm-1"},
+               {"name": "pgd", "steps": 10, "restarts": 1, "stop_on_success": False, "label": "pgd-10"},
+               {"name": "dense-square", "budget": args.square_queries, "label": "dense-square"}]
     per_epoch = args.episodes // args.epochs
     user = {"seed": seed, "attack": {"eps": args.eps}, "eval": {"attacks": attacks},
             "train": {"epochs": args.epochs},
