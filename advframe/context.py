@@ -273,6 +273,16 @@ class RunContext:
             self._query_records.append((queries.detach().cpu().long(), success.detach().cpu().bool(),
                                         counted.detach().cpu().bool()))
 
+    @contextlib.contextmanager
+    def unrecorded_queries(self):
+        """Queries reported inside the block are not the evaluated attack's: for an attack that runs a
+        query attack as one part of itself (AutoAttack's Square component) through :meth:`attack`."""
+        records, self._query_records = self._query_records, None
+        try:
+            yield
+        finally:
+            self._query_records = records
+
     def query_statistics(self, model: nn.Module, dataset, attack: dict[str, Any]) -> dict[str, float] | None:
         """Success rate and queries of a query-based evaluation attack (None for other attacks)."""
         self.predictions(model, dataset, attack)

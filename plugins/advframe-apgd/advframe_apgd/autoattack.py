@@ -104,12 +104,8 @@ def square_params(ctx, params: dict) -> dict:
 
 def run_square(ctx, model, inputs, labels, settings) -> torch.Tensor:
     """Square through the core, without letting its query records count as this attack's queries."""
-    records = getattr(ctx, "_query_records", None)
-    ctx._query_records = None
-    try:
+    with ctx.unrecorded_queries():
         return ctx.attack(model, inputs, labels, settings)
-    finally:
-        ctx._query_records = records
 
 
 def ensemble(model, inputs, labels, params, ctx) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,7 @@ def balanced_subset(labels: torch.Tensor, count: int, seed: int = 0) -> torch.Te
 def evaluate(run_dir: Path, attack: str, examples: int, overrides: list[str]) -> dict[str, float]:
     host = make_plugin_host()
     user = config_module.load_file(run_dir / "config.yaml")
-    user["eval"]["attacks"] = [{"name": attack}]
+    user["eval"].update(attacks=[{"name": attack}], protocol="custom")  # the run's own protocol brings another list
     config = config_module.resolve(host, user, overrides)
     run = Run.load(host, run_dir, config)
     dataset = run.splits.test.subset(balanced_subset(run.splits.test.labels, examples))
